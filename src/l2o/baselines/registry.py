@@ -1,0 +1,206 @@
+"""The optimizer registry: every optimizer the harness can run, hand-designed or learned.
+
+Every optimizer is a ``torch.optim.Optimizer`` driven through ``step(closure)``, so the benchmark
+harness has no special cases. An :class:`OptimizerEntry` says how to build one from
+hyperparameters and which grid the tuning command searches; an :class:`OptimizerSpec` is one
+concrete choice of hyperparameters.
+
+The seven hand-designed baselines of Li & Malik (2017): SGD, momentum (heavy ball), conjugate
+gradient, L-BFGS, AdaGrad, Adam, RMSprop. The five first-order methods are ``torch.optim``'s own
+implementations; CG and L-BFGS are l2o's (see :mod:`l2o.baselines.cg`, :mod:`l2o.baselines.lbfgs`)
+because they must do their line search and curvature pairs on one iteration's mini-batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Factory = Callable[[list[torch.Tensor], dict[str, Any]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """How to build an optimizer, its fixed defaults, and the grid that tuning searches."""
+
+    name: str
+    display: str
+    factory: Factory
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    accepts: tuple[str, ...] = ()  # further hyperparameters that may be set but are not tuned
+    learned: bool = False
+
+    @property
+    def hyperparameters(self) -> set[str]:
+        return set(self.defaults) | set(self.grid) | set(self.accepts)
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """All hyperparameter settings of the tuning grid (Cartesian product)."""
+        points: list[dict[str, Any]] = [{}]
+        for key, values in self.grid.items():
+            points = [{**p, key: v} for p in points for v in values]
+        return points
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer name with concrete hyperparameters, e.g. ``adam:lr=0.003``."""
+
+    name: str
+    hparams: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, name: str, hparams: Mapping[str, Any] | None = None) -> OptimizerSpec:
+        entry = get_optimizer(name)
+        hp = dict(hparams or {})
+        allowed = entry.hyperparameters
+        unknown = set(hp) - allowed
+        if unknown:
+            raise ValueError(f"optimizer {name!r}: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(allowed)}")
+        return cls(name, tuple(sorted(hp.items())))
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.hparams)
+
+    def build(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        entry = get_optimizer(self.name)
+        return entry.factory(list(params), {**entry.defaults, **self.kwargs})
+
+    def __str__(self) -> str:
+        if not self.hparams:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.hparams)
+
+    @property
+    def display(self) -> str:
+        return get_optimizer(self.name).display
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _parse_value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+_SPEC_RE = re.compile(r"^(?P<name>[a-z0-9_-]+)(?::(?P<hp>.*))?$")
+
+
+def parse_optimizer(text: str) -> OptimizerSpec:
+    """Parse ``name`` or ``name:key=value,key=value`` (values int, float or string)."""
+    m = _SPEC_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"cannot parse optimizer {text!r}: expected NAME or NAME:KEY=VALUE,...")
+    hp: dict[str, Any] = {}
+    if m["hp"]:
+        for item in m["hp"].split(","):
+            if "=" not in item:
+                raise ValueError(f"optimizer {text!r}: hyperparameter {item!r} is not KEY=VALUE")
+            k, v = item.split("=", 1)
+            hp[k.strip()] = _parse_value(v.strip())
+    return OptimizerSpec.make(m["name"], hp)
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def register_optimizer(entry: OptimizerEntry) -> OptimizerEntry:
+    """Add an optimizer to the registry (learned optimizers register themselves on import)."""
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_optimizer(name: str) -> OptimizerEntry:
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def optimizer_names(learned: bool | None = None) -> list[str]:
+    """Registered names in registration order (hand-designed first)."""
+    _load_plugins()
+    return [n for n, e in _REGISTRY.items() if learned is None or e.learned == learned]
+
+
+_PLUGINS: tuple[str, ...] = ()  # modules that register learned optimizers when imported
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib
+
+    for mod in _PLUGINS:
+        importlib.import_module(mod)
+
+
+def _sgd(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=hp["lr"])
+
+
+def _momentum(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])
+
+
+def _adagrad(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(params, lr=hp["lr"], eps=hp["eps"])
+
+
+def _adam(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"])
+
+
+def _rmsprop(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"])
+
+
+def _cg(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    from l2o.baselines.cg import ConjugateGradient
+
+    return ConjugateGradient(params, **hp)
+
+
+def _lbfgs(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    from l2o.baselines.lbfgs import LBFGS
+
+    return LBFGS(params, **hp)
+
+
+_LR = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+_LR_ADAPTIVE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+
+for _entry in (
+    OptimizerEntry("sgd", "SGD", _sgd, grid={"lr": _LR + (3.0,)}),
+    OptimizerEntry("momentum", "Momentum", _momentum, grid={"lr": _LR, "momentum": (0.9, 0.99)}),
+    OptimizerEntry(
+        "cg", "Conjugate gradient", _cg, defaults={"beta": "PR+", "line_search": "strong_wolfe", "c2": 0.1},
+        grid={"max_step": (0.1, 1.0, 10.0)}, accepts=("c1", "max_evals", "restart_every"),
+    ),
+    OptimizerEntry(
+        "lbfgs", "L-BFGS", _lbfgs, defaults={"line_search": "strong_wolfe"},
+        grid={"history_size": (5, 20), "max_step": (0.1, 1.0, 10.0)}, accepts=("c1", "c2", "max_evals"),
+    ),
+    OptimizerEntry("adagrad", "AdaGrad", _adagrad, defaults={"eps": 1e-10}, grid={"lr": _LR}),
+    OptimizerEntry("adam", "ADAM", _adam, defaults={"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}, grid={"lr": _LR_ADAPTIVE}),
+    OptimizerEntry("rmsprop", "RMSprop", _rmsprop, defaults={"eps": 1e-8}, grid={"lr": _LR_ADAPTIVE, "alpha": (0.9, 0.99)}),
+):
+    register_optimizer(_entry)
+
+BASELINES: tuple[str, ...] = ("sgd", "momentum", "cg", "lbfgs", "adagrad", "adam", "rmsprop")
+"""The seven hand-designed optimizers of the paper's comparison, in its order."""

@@ -1,0 +1,170 @@
+"""The ``l2o`` command line: benchmark, tune, data, list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PRESETS: dict[str, dict] = {
+    # The README's main job: needs no download (scikit-learn's bundled digits, real 8x8 images).
+    "demo": {"tasks": ("digits:48-48:b64",), "seeds": 5, "iterations": 400,
+             "title": "Tuned baselines on digits (embedded default), 48-48 MLP, batch 64"},
+    # The paper's meta-training objective (Li & Malik 2017, §4).
+    "meta-objective": {"tasks": ("mnist:48-48:b64",), "seeds": 5, "iterations": 400,
+                       "title": "Tuned baselines on the meta-training objective: MNIST 48-48-10, batch 64"},
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR; see `l2o data`)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: CPU count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import os
+
+    return args.jobs if args.jobs is not None else max(1, os.cpu_count() or 1)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from l2o.baselines.registry import BASELINES
+    from l2o.experiments.benchmark import BenchmarkConfig, load_config_file, run_benchmark
+
+    cfg: dict = {"optimizers": BASELINES}
+    if args.preset:
+        cfg.update(PRESETS[args.preset])
+    if args.config:
+        cfg.update(load_config_file(Path(args.config)))
+    for key in ("tasks", "optimizers", "seeds", "iterations", "tuned", "title"):
+        v = getattr(args, key)
+        if v is not None:
+            cfg[key] = v
+    cfg["jobs"] = _jobs(args)
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    if "tasks" not in cfg:
+        print("l2o benchmark: give --tasks, --preset or --config", file=sys.stderr)
+        return 2
+    config = BenchmarkConfig.from_dict(cfg)
+    out = Path(args.out or f"runs/{args.preset or 'benchmark'}")
+    report = run_benchmark(config, out, progress=not args.quiet)
+    print(report.files["markdown"].read_text())
+    for k, p in report.files.items():
+        print(f"{k}: {p}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from l2o.baselines.tuned import default_tuned_path
+    from l2o.experiments.benchmark import load_config_file
+    from l2o.experiments.tuning import TuningConfig, format_tuned, tune
+
+    cfg: dict = {}
+    if args.config:
+        cfg.update(load_config_file(Path(args.config)))
+    for key in ("task", "optimizers", "seeds", "iterations", "criterion"):
+        v = getattr(args, key)
+        if v is not None:
+            cfg[key] = v
+    cfg["jobs"] = _jobs(args)
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    config = TuningConfig.from_dict(cfg)
+    tuned = tune(config, Path(args.out), progress=not args.quiet)
+    target = Path(args.write) if args.write else default_tuned_path()
+    tuned.save(target)
+    print(format_tuned(tuned))
+    print(f"\nwritten: {target}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from l2o.data import DatasetError, data_search_path, dataset_names, load_dataset
+
+    print("search path:", ", ".join(str(p) for p in data_search_path(args.data_dir)))
+    status = 0
+    for name in args.names or dataset_names():
+        try:
+            ds = load_dataset(name, split="train", data_dir=args.data_dir, progress=not args.quiet, download=args.download)
+            print(f"  {name:16s} ok   {ds.description}")
+        except DatasetError as e:
+            first = str(e).splitlines()[0]
+            print(f"  {name:16s} --   {first}")
+            status = 1 if args.names else status
+    return status
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from l2o.baselines.registry import get_optimizer, optimizer_names
+    from l2o.tasks.registry import META_TRAINING_TASK
+    from l2o.tasks.synthetic import FAMILIES
+
+    print("optimizers:")
+    for n in optimizer_names():
+        e = get_optimizer(n)
+        kind = "learned" if e.learned else "hand-designed"
+        print(f"  {n:10s} {e.display:20s} {kind:14s} tuned: {', '.join(e.grid) or '-'}")
+    print("\ntasks:  DATASET:IN-HIDDEN:bBATCH[:pSEED]   e.g. " + META_TRAINING_TASK + " (the meta-training objective)")
+    print("        FAMILY/SPLIT/INDEX                 families: " + ", ".join(FAMILIES))
+    print("\npresets: " + ", ".join(PRESETS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l2o", description="Learned optimizers (Li & Malik 2016, 2017).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("benchmark", help="run optimizers on tasks for several seeds; write table and figure")
+    b.add_argument("--preset", choices=sorted(PRESETS))
+    b.add_argument("--config", help="TOML/JSON file with BenchmarkConfig fields")
+    b.add_argument("--tasks", nargs="+", help="task specs, e.g. mnist:48-48:b64")
+    b.add_argument("--optimizers", nargs="+", help="optimizer specs, e.g. adam or adam:lr=0.001 (default: the 7 tuned baselines)")
+    b.add_argument("--seeds", type=int)
+    b.add_argument("--iterations", type=int)
+    b.add_argument("--tuned", help="tuned-settings file (default: the one shipped with l2o)")
+    b.add_argument("--title")
+    b.add_argument("--out", help="output folder (default runs/<preset>); rerunning resumes")
+    _add_common(b)
+    b.set_defaults(func=cmd_benchmark)
+
+    t = sub.add_parser("tune", help="grid-search the baselines' hyperparameters on the meta-training objective")
+    t.add_argument("--config", help="TOML/JSON file with TuningConfig fields")
+    t.add_argument("--task")
+    t.add_argument("--optimizers", nargs="+")
+    t.add_argument("--seeds", type=int)
+    t.add_argument("--iterations", type=int)
+    t.add_argument("--criterion", choices=["auc", "final"])
+    t.add_argument("--out", default="runs/tuning", help="folder for the grid's run records (resumable)")
+    t.add_argument("--write", help="where to write the tuned settings (default: the packaged tuned.json)")
+    _add_common(t)
+    t.set_defaults(func=cmd_tune)
+
+    d = sub.add_parser("data", help="show which datasets are found where (and verify them)")
+    d.add_argument("names", nargs="*")
+    d.add_argument("--download", action="store_true", help="download missing datasets from the official sources")
+    _add_common(d)
+    d.set_defaults(func=cmd_data)
+
+    ls = sub.add_parser("list", help="list optimizers, task grammar and presets")
+    ls.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from l2o.data import DatasetError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, DatasetError) as e:
+        print(f"l2o {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Figures in the style of the paper's Figures 1–5: true objective vs iteration, one panel per task,
+one line per optimizer (mean over seeds) with a shaded 95% interval. Diverged runs end their line
+where they diverged and are marked ✕ in the legend count."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from l2o.experiments.runner import RunResult  # noqa: E402
+
+
+def _curves(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-iteration mean and 95% half-width over the runs still finite at each iteration."""
+    y = np.array([[math.nan if v is None else v for v in r.true_loss] for r in runs], dtype=float)
+    n = np.sum(np.isfinite(y), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nanmean(np.where(np.isfinite(y), y, np.nan), axis=0) if y.size else y
+        sd = np.nanstd(y, axis=0, ddof=1) if len(runs) > 1 else np.zeros(y.shape[1])
+        half = np.where(n > 1, stats.t.ppf(0.975, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1)), 0.0)
+    mean[n == 0] = np.nan
+    return np.arange(y.shape[1]), mean, np.nan_to_num(half)
+
+
+def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None = None,
+                   labels: dict[str, str] | None = None) -> Path:
+    """Write the figure to ``path`` (format from the suffix) and return it."""
+    results = list(results)
+    tasks = list(dict.fromkeys(r.task for r in results))
+    if not tasks:
+        raise ValueError("no results to plot")
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    optimizers = list(dict.fromkeys(r.optimizer for r in results))
+    colour = {o: cmap(i % 10) for i, o in enumerate(optimizers)}
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        ys_lo, ys_hi = [], []
+        for opt in optimizers:
+            runs = [r for r in results if r.task == task and r.optimizer == opt]
+            if not runs:
+                continue
+            x, mean, half = _curves(runs)
+            div = sum(r.diverged for r in runs)
+            name = (labels or {}).get(opt, opt) + (f" (✕ {div}/{len(runs)} diverged)" if div else "")
+            ax.plot(x, mean, color=colour[opt], lw=1.4, label=name)
+            ax.fill_between(x, mean - half, mean + half, color=colour[opt], alpha=0.2, lw=0)
+            finite = mean[np.isfinite(mean)]
+            if finite.size:
+                ys_lo.append(finite.min())
+                ys_hi.append(finite[0])
+        if ys_lo:
+            lo, hi = min(ys_lo), max(ys_hi)
+            pad = 0.05 * (hi - lo if hi > lo else 1.0)
+            ax.set_ylim(max(0.0, lo - pad), hi + 4 * pad)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("true objective f(x)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

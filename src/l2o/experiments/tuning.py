@@ -1,0 +1,101 @@
+"""Grid-search tuning of the hand-designed baselines on the meta-training objective.
+
+Every grid point of every baseline is run on the tuning task for several seeds; the point with the
+lowest mean criterion wins ("auc": mean true objective over the run — the paper's meta-loss,
+normalised; "final": f(x_T)). A grid point with any diverged seed is disqualified. Tuning seeds
+start at ``seed_offset`` (default 1000) so they are disjoint from evaluation seeds (0, 1, …).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from l2o.baselines.registry import BASELINES, OptimizerSpec, get_optimizer
+from l2o.baselines.tuned import TunedSettings
+from l2o.experiments.benchmark import environment, run_grid
+from l2o.experiments.store import RunKey
+from l2o.tasks.registry import META_TRAINING_TASK
+
+CRITERIA = ("auc", "final")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    task: str = META_TRAINING_TASK
+    optimizers: tuple[str, ...] = BASELINES
+    seeds: int = 3
+    iterations: int = 400
+    criterion: str = "auc"
+    jobs: int = 1
+    seed_offset: int = 1000
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.seeds < 1 or self.iterations < 1 or self.jobs < 1:
+            raise ValueError("seeds, iterations and jobs must be >= 1")
+        for name in self.optimizers:
+            if get_optimizer(name).learned:
+                raise ValueError(f"{name!r} is a learned optimizer: it is meta-trained, not grid-searched")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TuningConfig:
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown tuning config key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+        d = dict(d)
+        if "optimizers" in d:
+            d["optimizers"] = tuple(d["optimizers"])
+        return cls(**d)
+
+
+def tune(config: TuningConfig, out: Path, progress: bool = True, command: str | None = None) -> TunedSettings:
+    """Run the grid (resumable under ``out``) and return the chosen settings with all scores."""
+    seeds = list(range(config.seed_offset, config.seed_offset + config.seeds))
+    specs = {name: [OptimizerSpec.make(name, {**get_optimizer(name).defaults, **p})
+                    for p in get_optimizer(name).grid_points()] for name in config.optimizers}
+    keys = [RunKey(config.task, s, seed, config.iterations) for ss in specs.values() for s in ss for seed in seeds]
+    results = run_grid(keys, Path(out), config.jobs, config.data_dir, progress, desc="tuning")
+    by_spec: dict[str, list] = {}
+    for r in results:
+        by_spec.setdefault(r.optimizer, []).append(r)
+
+    settings: dict[str, dict[str, Any]] = {}
+    grid: dict[str, list[dict[str, Any]]] = {}
+    for name, ss in specs.items():
+        rows = []
+        for s in ss:
+            runs = by_spec[str(s)]
+            vals = [(r.auc if config.criterion == "auc" else r.final) for r in runs]
+            diverged = sum(r.diverged for r in runs)
+            score = float(np.mean(vals)) if not diverged and all(map(math.isfinite, vals)) else None
+            rows.append({"hparams": s.kwargs, "score": score, "diverged": diverged,
+                         "final_mean": float(np.mean([r.final for r in runs])) if not diverged else None})
+        grid[name] = rows
+        valid = [r for r in rows if r["score"] is not None]
+        if not valid:
+            raise RuntimeError(f"every grid point of {name!r} diverged on {config.task}; widen its grid")
+        settings[name] = min(valid, key=lambda r: r["score"])["hparams"]
+    cmd = command or "l2o " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return TunedSettings(config.task, config.iterations, tuple(seeds), config.criterion, cmd,
+                         environment(), settings, grid)
+
+
+def format_tuned(t: TunedSettings, names: Sequence[str] | None = None) -> str:
+    """A Markdown table of the chosen hyperparameters and their scores."""
+    lines = [f"Tuned on `{t.task}`, T={t.iterations}, seeds {list(t.seeds)}, criterion {t.criterion}.", "",
+             "| optimizer | hyperparameters | score | final f(x_T) |", "|---|---|---|---|"]
+    for name in names or t.settings:
+        row = next(r for r in t.grid[name] if r["hparams"] == t.settings[name])
+        hp = ", ".join(f"{k}={v}" for k, v in t.settings[name].items())
+        lines.append(f"| {name} | {hp} | {row['score']:.4f} | {row['final_mean']:.4f} |")
+    return "\n".join(lines)

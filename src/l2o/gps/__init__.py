@@ -1,0 +1,72 @@
+"""l2o.gps: the numerical core of Guided Policy Search (Li & Malik 2017, §3.4; design note gps.md).
+
+Time-varying linear-Gaussian policies ψ and dynamics p̃ (:mod:`.linear_gaussian`), dynamics
+fitting with a NIW prior (:mod:`.dynamics`), quadratic cost models (:mod:`.cost`) and LQG with a
+KL trust region (:mod:`.lqg`). Everything is float64 with time as the leading dimension.
+"""
+
+from .cost import (
+    QuadraticCost,
+    cost_from_derivatives,
+    fit_quadratic_cost,
+    fit_quadratic_cost_from_moments,
+    project_action_block,
+)
+from .dynamics import (
+    DynamicsPrior,
+    GaussianPrior,
+    GMMPrior,
+    fit_dynamics,
+    pooled_transitions,
+    transition_samples,
+)
+from .errors import GPSError, NotPositiveDefiniteError, TrustRegionError
+from .linear_gaussian import (
+    LinearGaussianDynamics,
+    LinearGaussianPolicy,
+    StateDistribution,
+    fit_linear_gaussian_policy,
+    forward,
+    kl_divergence,
+)
+from .lqg import (
+    TrustRegionResult,
+    ValueFunction,
+    augmented_cost,
+    backward,
+    expected_cost,
+    neg_log_policy_cost,
+    solve_fixed_eta,
+    solve_trust_region,
+)
+
+__all__ = [
+    "QuadraticCost",
+    "cost_from_derivatives",
+    "fit_quadratic_cost",
+    "fit_quadratic_cost_from_moments",
+    "project_action_block",
+    "DynamicsPrior",
+    "GaussianPrior",
+    "GMMPrior",
+    "fit_dynamics",
+    "pooled_transitions",
+    "transition_samples",
+    "GPSError",
+    "NotPositiveDefiniteError",
+    "TrustRegionError",
+    "LinearGaussianDynamics",
+    "LinearGaussianPolicy",
+    "StateDistribution",
+    "fit_linear_gaussian_policy",
+    "forward",
+    "kl_divergence",
+    "TrustRegionResult",
+    "ValueFunction",
+    "augmented_cost",
+    "backward",
+    "expected_cost",
+    "neg_log_policy_cost",
+    "solve_fixed_eta",
+    "solve_trust_region",
+]

@@ -1,0 +1,34 @@
+"""Exceptions raised by the GPS numerical core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GPSError(RuntimeError):
+    """Base class of the errors of :mod:`l2o.gps`."""
+
+
+class NotPositiveDefiniteError(GPSError):
+    """Q_uu (the action block of the Q-function) is not positive definite at time step ``t``.
+
+    Raised by :func:`l2o.gps.lqg.backward` instead of returning NaNs; the trust-region dual
+    (:func:`l2o.gps.lqg.solve_trust_region`) catches it and increases η.
+    """
+
+    def __init__(self, t: int, group: Any = None, detail: str = "") -> None:
+        self.t = t
+        self.group = group
+        self.detail = detail
+        where = f"t={t}" if group is None else f"group={group!r}, t={t}"
+        msg = f"Q_uu is not positive definite ({where})"
+        super().__init__(msg + (f": {detail}" if detail else ""))
+
+
+class TrustRegionError(GPSError):
+    """No Lagrange multiplier η within its bounds gives a PD Q_uu and KL ≤ ε."""
+
+    def __init__(self, message: str, group: Any = None, t: int | None = None) -> None:
+        self.group = group
+        self.t = t
+        super().__init__(message)

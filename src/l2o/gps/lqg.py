@@ -1,0 +1,354 @@
+"""LQG with a KL trust region: the ψ-step of GPS (gps.md §6).
+
+Minimise E_ψ̃[Σ_t c̃_t(s_t, a_t) − λ_tᵀ a_t] + Σ_t ν_t E D_KL(ψ ‖ π̂)
+subject to Σ_t E_ψ̃ D_KL(ψ ‖ ψ_old) ≤ ε.
+
+Conventions:
+
+* ε bounds the **sum** over the T steps of the expected KL (taken along the state distribution
+  of the new ψ under p̃), as in gps.md §6. For a per-step budget ε_step pass ε = T·ε_step.
+* With the multiplier η, the per-step cost is scaled:
+  ℓ̄_t = [c̃_t − λ_tᵀ a − η log ψ_old − ν_t log π̂] / (η + ν_t)
+  (:func:`augmented_cost`), and the max-entropy LQG solution of E[Σ ℓ̄_t] − Σ_t H(ψ_t) is
+  ψ_t = N(K_t s + k_t, G_t) with G_t = Q̄_uu⁻¹ of the *scaled* cost (:func:`backward`).
+  :func:`solve_fixed_eta` (used by the dual) minimises the Lagrangian exactly: identical to the
+  above when ν_t is constant in t; for a time-varying ν_t it uses G_t = (η + ν_t) Q_uu⁻¹ of the
+  unscaled cost, which GPS's per-step division only approximates.
+* :func:`backward` on a raw cost c̃ gives plain LQR gains, with G_t = Q_uu⁻¹ of c̃.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .cost import QuadraticCost
+from .errors import NotPositiveDefiniteError, TrustRegionError
+from .linear_gaussian import (
+    DTYPE,
+    LinearGaussianDynamics,
+    LinearGaussianPolicy,
+    _as64,
+    _sym,
+    forward,
+    kl_divergence,
+)
+
+__all__ = [
+    "ValueFunction",
+    "TrustRegionResult",
+    "backward",
+    "neg_log_policy_cost",
+    "augmented_cost",
+    "solve_fixed_eta",
+    "expected_cost",
+    "solve_trust_region",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class ValueFunction:
+    """Quadratic value and Q-function terms from the backward pass, t = 0..T−1.
+
+    V_t(s) = ½ sᵀ Vxx_t s + Vx_tᵀ s + const; Q_t(xu) = ½ xuᵀ Qxuxu_t xu + Qxu_tᵀ xu + const.
+    (Constants are not tracked.)
+    """
+
+    Vxx: Tensor  # [T, D, D]
+    Vx: Tensor  # [T, D]
+    Qxuxu: Tensor  # [T, n, n]
+    Qxu: Tensor  # [T, n]
+
+
+def backward(
+    dynamics: LinearGaussianDynamics,
+    cost: QuadraticCost,
+    entropy_weight: Tensor | float | None = None,
+    group: Any = None,
+) -> tuple[LinearGaussianPolicy, ValueFunction]:
+    """LQG backward Riccati recursion (V_T ≡ 0, i.e. no value beyond the last step).
+
+    With F_t = [A_t B_t], f_t = c_t: Q_xuxu = ℓ_xuxu + F_tᵀ V_xx F_t, Q_xu = ℓ_xu + F_tᵀ(V_xx f_t + V_x);
+    K_t = −Q_uu⁻¹ Q_ux, k_t = −Q_uu⁻¹ Q_u, G_t = w_t Q_uu⁻¹; V_xx = Q_xx + Q_xu K_t (symmetrised),
+    V_x = Q_x + Q_xu k_t. This minimises Σ_t E[ℓ_t] − Σ_t w_t H(ψ_t); the entropy weight w_t
+    (scalar or [T]) defaults to 1, the GPS form G_t = Q̄_uu⁻¹ for the scaled cost ℓ̄. (For plain
+    LQR the gains K_t, k_t do not depend on w.) Raises :class:`NotPositiveDefiniteError` (with
+    ``t``, ``group``) if Q_uu is not positive definite (or not finite) at some t.
+    """
+    T, D, d = cost.T, cost.dim_s, cost.dim_a
+    w = torch.ones(T, dtype=DTYPE) if entropy_weight is None else _per_step(entropy_weight, T, "entropy_weight")
+    if bool((w <= 0).any()):
+        raise ValueError("entropy_weight must be > 0")
+    if dynamics.horizon != T:
+        raise ValueError(f"dynamics has {dynamics.horizon - 1} transitions, cost has T={T} steps (need T−1)")
+    if dynamics.dim_s != D or dynamics.dim_a != d:
+        raise ValueError("dynamics and cost state/action sizes differ")
+    AB = dynamics.AB
+    Vxx = torch.zeros(D, D, dtype=DTYPE)
+    Vx = torch.zeros(D, dtype=DTYPE)
+    Ks: list[Tensor] = []
+    ks: list[Tensor] = []
+    Gs: list[Tensor] = []
+    Vxxs: list[Tensor] = []
+    Vxs: list[Tensor] = []
+    Qxuxus: list[Tensor] = []
+    Qxus: list[Tensor] = []
+    for t in range(T - 1, -1, -1):
+        Qxuxu = cost.C[t]
+        Qxu = cost.d[t]
+        if t < T - 1:
+            Qxuxu = Qxuxu + AB[t].T @ Vxx @ AB[t]
+            Qxu = Qxu + AB[t].T @ (Vxx @ dynamics.c[t] + Vx)
+        Qxuxu = _sym(Qxuxu)
+        if not (bool(torch.isfinite(Qxuxu).all()) and bool(torch.isfinite(Qxu).all())):
+            raise NotPositiveDefiniteError(t=t, group=group, detail="non-finite Q-function")
+        Quu, Qus = Qxuxu[D:, D:], Qxuxu[D:, :D]
+        L, info = torch.linalg.cholesky_ex(Quu)
+        if int(info) != 0:
+            ev = float(torch.linalg.eigvalsh(Quu).min())
+            raise NotPositiveDefiniteError(t=t, group=group, detail=f"min eigenvalue {ev:.3g}")
+        K = -torch.cholesky_solve(Qus, L)
+        k = -torch.cholesky_solve(Qxu[D:, None], L)[:, 0]
+        G = _sym(torch.cholesky_inverse(L)) * w[t]
+        if int(torch.linalg.cholesky_ex(G)[1]) != 0 or not bool(torch.isfinite(G).all()):
+            raise NotPositiveDefiniteError(t=t, group=group, detail="Q_uu too ill-conditioned to invert")
+        Qsu = Qxuxu[:D, D:]
+        Vxx = _sym(Qxuxu[:D, :D] + Qsu @ K)
+        Vx = Qxu[:D] + Qsu @ k
+        for lst, x in ((Ks, K), (ks, k), (Gs, G), (Vxxs, Vxx), (Vxs, Vx), (Qxuxus, Qxuxu), (Qxus, Qxu)):
+            lst.append(x)
+
+    def stack(xs: list[Tensor]) -> Tensor:  # collected backwards in time
+        return torch.stack(xs[::-1])
+
+    policy = LinearGaussianPolicy(stack(Ks), stack(ks), stack(Gs))
+    value = ValueFunction(stack(Vxxs), stack(Vxs), stack(Qxuxus), stack(Qxus))
+    return policy, value
+
+
+def neg_log_policy_cost(policy: LinearGaussianPolicy) -> QuadraticCost:
+    """−log ψ(a|s, t) as a quadratic in xu = [s; a].
+
+    With M_t = [−K_t  I] and P_t = G_t⁻¹: −log ψ = ½ (M xu − k)ᵀ P (M xu − k) + ½ log det(2π G),
+    so C = Mᵀ P M, d = −Mᵀ P k, h = ½ kᵀ P k + ½ log det(2π G).
+    """
+    T, d = policy.T, policy.dim_a
+    M = torch.cat([-policy.K, torch.eye(d, dtype=DTYPE).expand(T, d, d)], -1)  # [T, d, n]
+    P = policy.precision
+    Pk = (P @ policy.k.unsqueeze(-1)).squeeze(-1)
+    C = M.mT @ P @ M
+    lin = -(M.mT @ Pk.unsqueeze(-1)).squeeze(-1)
+    h = 0.5 * (policy.k * Pk).sum(-1) + 0.5 * (policy.logdet_cov + d * math.log(2 * math.pi))
+    return QuadraticCost(_sym(C), lin, h, policy.dim_s)
+
+
+def _per_step(x: Tensor | float | None, T: int, name: str) -> Tensor:
+    if x is None:
+        return torch.zeros(T, dtype=DTYPE)
+    v = _as64(x, name)
+    if v.ndim == 0:
+        v = v.expand(T)
+    if v.shape != (T,):
+        raise ValueError(f"{name} must be a scalar or [T] = [{T}], got {tuple(v.shape)}")
+    if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative")
+    return v.clone()
+
+
+def augmented_cost(
+    cost: QuadraticCost,
+    prev_policy: LinearGaussianPolicy | None,
+    eta: float,
+    lambda_: Tensor | None = None,
+    nu: Tensor | float | None = None,
+    pi_fit: LinearGaussianPolicy | None = None,
+    normalize: bool = True,
+) -> QuadraticCost:
+    """ℓ̄_t(s, a) = [c̃_t(s, a) − λ_tᵀ a − η log ψ_old(a|s, t) − ν_t log π̂(a|s, t)] / (η + ν_t).
+
+    With ``normalize=False`` the numerator only (the Lagrangian's cost before division).
+
+    Args:
+        cost: c̃, [T] steps over xu = [s; a].
+        prev_policy: ψ_old (may be None only when η = 0).
+        eta: the trust-region multiplier η ≥ 0.
+        lambda_: BADMM duals λ_t, [T, d] (None: 0).
+        nu: BADMM weights ν_t, scalar or [T] (None: 0).
+        pi_fit: π̂, the linear-Gaussian fit of π (required where ν_t > 0).
+    """
+    T, D, d = cost.T, cost.dim_s, cost.dim_a
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and ≥ 0, got {eta}")
+    nu_t = _per_step(nu, T, "nu")
+    denom = eta + nu_t
+    if bool((denom <= 0).any()):
+        raise ValueError("η + ν_t must be > 0 for every t (use backward() directly for the raw cost)")
+    total = cost
+    if lambda_ is not None:
+        lam = _as64(lambda_, "lambda_")
+        if lam.shape != (T, d):
+            raise ValueError(f"lambda_ must be [T, d] = {(T, d)}, got {tuple(lam.shape)}")
+        dd = cost.d.clone()
+        dd[:, D:] -= lam
+        total = QuadraticCost(cost.C, dd, cost.h, D)
+    if eta > 0:
+        if prev_policy is None:
+            raise ValueError("prev_policy (ψ_old) is required when η > 0")
+        total = total + neg_log_policy_cost(prev_policy).scale(eta)
+    if bool((nu_t > 0).any()):
+        if pi_fit is None:
+            raise ValueError("pi_fit (π̂) is required when ν > 0")
+        total = total + neg_log_policy_cost(pi_fit).scale(nu_t)
+    return total.scale(1.0 / denom) if normalize else total
+
+
+def solve_fixed_eta(
+    dynamics: LinearGaussianDynamics,
+    cost: QuadraticCost,
+    prev_policy: LinearGaussianPolicy | None,
+    eta: float,
+    lambda_: Tensor | None = None,
+    nu: Tensor | float | None = None,
+    pi_fit: LinearGaussianPolicy | None = None,
+    group: Any = None,
+) -> tuple[LinearGaussianPolicy, ValueFunction]:
+    """The ψ minimising the Lagrangian at fixed η:
+
+    Σ_t E_ψ̃[c̃_t − λ_tᵀ a_t] + η Σ_t E D_KL(ψ_t ‖ ψ_old,t) + Σ_t ν_t E D_KL(ψ_t ‖ π̂_t).
+
+    Solved as the backward pass on the unnormalised cost (η + ν_t) ℓ̄_t with entropy weights
+    w_t = η + ν_t, i.e. G_t = (η + ν_t) Q_uu⁻¹. When ν_t is the same for all t this is exactly
+    ``backward(dynamics, augmented_cost(...))`` (the GPS form, G_t = Q̄_uu⁻¹ of the scaled cost);
+    when ν_t varies over t, GPS's per-step division by (η + ν_t) is not the minimiser of this
+    Lagrangian, while this is. May raise :class:`NotPositiveDefiniteError`.
+    """
+    num = augmented_cost(cost, prev_policy, eta, lambda_=lambda_, nu=nu, pi_fit=pi_fit, normalize=False)
+    w = float(eta) + _per_step(nu, cost.T, "nu")
+    if bool((w == w[0]).all()):
+        return backward(dynamics, num.scale(1.0 / w), group=group)
+    return backward(dynamics, num, entropy_weight=w, group=group)
+
+
+def expected_cost(
+    policy: LinearGaussianPolicy,
+    dynamics: LinearGaussianDynamics,
+    cost: QuadraticCost,
+    mu0: Tensor,
+    sigma0: Tensor,
+) -> Tensor:
+    """E_ψ̃ c̃_t(s_t, a_t) per t, [T], under p̃, ψ and s_0 ~ N(μ₀, Σ₀)."""
+    dist = forward(policy, dynamics, mu0, sigma0)
+    return cost.expected(dist.xu_mean, dist.xu_cov)
+
+
+class TrustRegionResult(NamedTuple):
+    policy: LinearGaussianPolicy
+    eta: float
+    kl: float  # Σ_t E D_KL(ψ_new ‖ ψ_old) along the new state distribution
+
+
+def solve_trust_region(
+    dynamics: LinearGaussianDynamics,
+    cost: QuadraticCost,
+    prev_policy: LinearGaussianPolicy,
+    mu0: Tensor,
+    sigma0: Tensor,
+    epsilon: float,
+    lambda_: Tensor | None = None,
+    nu: Tensor | float | None = None,
+    pi_fit: LinearGaussianPolicy | None = None,
+    eta_bounds: tuple[float, float] = (1e-6, 1e16),
+    rtol: float = 0.1,
+    max_iters: int = 50,
+    eta_init: float | None = None,
+    group: Any = None,
+) -> TrustRegionResult:
+    """Dual on η by geometric bisection: find ψ with Σ_t E D_KL(ψ ‖ ψ_old) ∈ [ε(1−rtol), ε(1+rtol)].
+
+    For each η: ψ = :func:`solve_fixed_eta` (= backward(augmented_cost(η)) for constant ν),
+    forward-propagate s_0 ~ N(μ₀, Σ₀) under p̃ and ψ,
+    and sum the expected KL over t. η is raised when the KL is above ε(1+rtol) or Q_uu is not PD,
+    lowered when the KL is below ε(1−rtol). At η = η_min any KL ≤ ε(1+rtol) is accepted (the
+    constraint is inactive). ``eta_init`` (e.g. last iteration's η) is tried first inside the
+    bracket. If η_max still gives a non-PD Q_uu or KL > ε(1+rtol), :class:`TrustRegionError` is
+    raised. If ``max_iters`` bisection steps do not reach the band, the feasible ψ with the
+    largest KL found (KL < ε(1−rtol)) is returned with a warning.
+
+    Returns (policy, eta, kl).
+    """
+    eps = float(epsilon)
+    if not eps > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    eta_min, eta_max = (float(e) for e in eta_bounds)
+    if not (0 < eta_min <= eta_max < math.inf):
+        raise ValueError(f"eta_bounds must satisfy 0 < min ≤ max < inf, got {eta_bounds}")
+    upper, lower = eps * (1 + rtol), eps * (1 - rtol)
+
+    def evaluate(eta: float) -> tuple[LinearGaussianPolicy, float]:
+        pol, _ = solve_fixed_eta(dynamics, cost, prev_policy, eta, lambda_=lambda_, nu=nu, pi_fit=pi_fit, group=group)
+        dist = forward(pol, dynamics, mu0, sigma0)
+        kl = float(kl_divergence(pol, prev_policy, dist.state_mean, dist.state_cov).sum())
+        return pol, (kl if math.isfinite(kl) else math.inf)
+
+    # η at its lower bound: accept any KL ≤ ε(1+rtol).
+    try:
+        pol, kl = evaluate(eta_min)
+        if kl <= upper:
+            return TrustRegionResult(pol, eta_min, kl)
+    except NotPositiveDefiniteError:
+        pass
+    if eta_max == eta_min:
+        raise TrustRegionError(f"η fixed at {eta_min:g} violates the trust region or Q_uu is not PD", group=group)
+    # η at its upper bound must be feasible.
+    try:
+        pol, kl = evaluate(eta_max)
+    except NotPositiveDefiniteError as e:
+        raise TrustRegionError(
+            f"Q_uu is not positive definite even at η_max = {eta_max:g} "
+            f"({'group=' + repr(group) + ', ' if group is not None else ''}t={e.t}); "
+            "the cost's action block is too negative for the trust region",
+            group=group,
+            t=e.t,
+        ) from e
+    if kl > upper:
+        raise TrustRegionError(
+            f"KL = {kl:.4g} > ε(1+rtol) = {upper:.4g} even at η_max = {eta_max:g}"
+            + (f" (group={group!r})" if group is not None else ""),
+            group=group,
+        )
+    if kl >= lower:
+        return TrustRegionResult(pol, eta_max, kl)
+    best = TrustRegionResult(pol, eta_max, kl)
+    # Bisection on log η; invariant: lo infeasible (KL too large or non-PD), hi has KL < ε(1−rtol).
+    lo, hi = math.log(eta_min), math.log(eta_max)
+    x = (lo + hi) / 2
+    if eta_init is not None and eta_min < eta_init < eta_max:
+        x = math.log(eta_init)
+    for _ in range(max_iters):
+        eta = math.exp(x)
+        try:
+            pol, kl = evaluate(eta)
+        except NotPositiveDefiniteError:
+            lo = x
+        else:
+            if kl > upper:
+                lo = x
+            elif kl < lower:
+                hi = x
+                best = TrustRegionResult(pol, eta, kl)
+            else:
+                return TrustRegionResult(pol, eta, kl)
+        x = (lo + hi) / 2
+    warnings.warn(
+        f"trust-region dual did not reach KL ∈ [{lower:.4g}, {upper:.4g}] in {max_iters} steps; "
+        f"returning η = {best.eta:.4g} with KL = {best.kl:.4g}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return best
