@@ -1,4 +1,4 @@
-"""The ``l2o`` command line: benchmark, tune, data, list."""
+"""The ``l2o`` command line: benchmark, tune, meta-train, data, list."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def _jobs(args: argparse.Namespace) -> int:
     return args.jobs if args.jobs is not None else max(1, os.cpu_count() or 1)
 
 
+def _merge(cfg: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
+    """Overlay command-line values (those given) on a config mapping, plus jobs and data dir."""
+    for key in keys:
+        v = getattr(args, key)
+        if v is not None:
+            cfg[key] = v
+    cfg["jobs"] = _jobs(args)
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    return cfg
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from l2o.baselines.registry import BASELINES
     from l2o.experiments.benchmark import BenchmarkConfig, load_config_file, run_benchmark
@@ -37,13 +49,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         cfg.update(PRESETS[args.preset])
     if args.config:
         cfg.update(load_config_file(Path(args.config)))
-    for key in ("tasks", "optimizers", "seeds", "iterations", "tuned", "title"):
-        v = getattr(args, key)
-        if v is not None:
-            cfg[key] = v
-    cfg["jobs"] = _jobs(args)
-    if args.data_dir:
-        cfg["data_dir"] = args.data_dir
+    _merge(cfg, args, ("tasks", "optimizers", "seeds", "iterations", "tuned", "title"))
     if "tasks" not in cfg:
         print("l2o benchmark: give --tasks, --preset or --config", file=sys.stderr)
         return 2
@@ -64,13 +70,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg: dict = {}
     if args.config:
         cfg.update(load_config_file(Path(args.config)))
-    for key in ("task", "optimizers", "seeds", "iterations", "criterion"):
-        v = getattr(args, key)
-        if v is not None:
-            cfg[key] = v
-    cfg["jobs"] = _jobs(args)
-    if args.data_dir:
-        cfg["data_dir"] = args.data_dir
+    _merge(cfg, args, ("task", "optimizers", "seeds", "iterations", "criterion"))
     config = TuningConfig.from_dict(cfg)
     tuned = tune(config, Path(args.out), progress=not args.quiet)
     target = Path(args.write) if args.write else default_tuned_path()
@@ -112,6 +112,42 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meta_train_l2l(args: argparse.Namespace) -> int:
+    """Meta-train the L2LBGDBGD LSTM optimizer (Andrychowicz et al. 2016)."""
+    import shlex
+
+    from l2o.experiments.meta_l2l import MetaL2LConfig, meta_train
+
+    overrides = {"data_dir": args.data_dir, "episodes": args.episodes}
+    if args.config:
+        config = MetaL2LConfig.from_file(Path(args.config), **overrides)
+    else:
+        config = MetaL2LConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out or "runs/meta-train-l2l")
+    words = ["l2o", "meta-train", "l2l"] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
+    if args.episodes is not None:
+        words += ["--episodes", str(args.episodes)]
+    result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
+    last = [r["meta_loss"] for r in result.log[-10:] if r["meta_loss"] is not None]
+    print(f"episodes: {len(result.log)}  wall: {result.wall_s:.1f} s  "
+          f"meta-loss (mean of last {len(last)}): {sum(last) / max(1, len(last)):.4f}")
+    for name, path in (("checkpoint", result.checkpoint), ("weights", result.policy), ("log", result.log_file)):
+        print(f"{name}: {path}")
+    return 0
+
+
+META_TRAINERS = {"l2l": _meta_train_l2l}
+"""``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    try:
+        return META_TRAINERS[args.method](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished episode is checkpointed; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l2o", description="Learned optimizers (Li & Malik 2016, 2017).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--download", action="store_true", help="download missing datasets from the official sources")
     _add_common(d)
     d.set_defaults(func=cmd_data)
+
+    mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable; checkpoint after every episode)")
+    mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD)")
+    mt.add_argument("--config", help="TOML/JSON file with the method's config fields, e.g. configs/l2l.toml")
+    mt.add_argument("--out", help="output folder (default runs/meta-train-METHOD)")
+    mt.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    mt.add_argument("--episodes", type=int, help="override the config's number of episodes")
+    mt.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR)")
+    mt.add_argument("--quiet", action="store_true", help="no progress bar")
+    mt.set_defaults(func=cmd_meta_train)
 
     ls = sub.add_parser("list", help="list optimizers, task grammar and presets")
     ls.set_defaults(func=cmd_list)

@@ -70,7 +70,9 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     if title:
-        fig.suptitle(title)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, width=int(45 * cols)), fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
