@@ -127,6 +127,8 @@ def _meta_train_l2l(args: argparse.Namespace) -> int:
     words = ["l2o", "meta-train", "l2l"] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
     if args.episodes is not None:
         words += ["--episodes", str(args.episodes)]
+    if args.data_dir:
+        words += ["--data-dir", args.data_dir]
     result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
     last = [r["meta_loss"] for r in result.log[-10:] if r["meta_loss"] is not None]
     print(f"episodes: {len(result.log)}  wall: {result.wall_s:.1f} s  "
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="run optimizers on tasks for several seeds; write table and figure")
     b.add_argument("--preset", choices=sorted(PRESETS))
     b.add_argument("--config", help="TOML/JSON file with BenchmarkConfig fields")
-    b.add_argument("--tasks", nargs="+", help="task specs, e.g. mnist:48-48:b64")
+    b.add_argument("--tasks", nargs="+", help="task specs, e.g. mnist:48-48:b64; ranges like logreg/test/0-99 expand")
     b.add_argument("--optimizers", nargs="+", help="optimizer specs, e.g. adam or adam:lr=0.001 (default: the 7 tuned baselines)")
     b.add_argument("--seeds", type=int)
     b.add_argument("--iterations", type=int)
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="grid-search the baselines' hyperparameters on the meta-training objective")
     t.add_argument("--config", help="TOML/JSON file with TuningConfig fields")
-    t.add_argument("--task")
+    t.add_argument("--task", nargs="+", help="task spec(s) to tune on; ranges like logreg/train/0-89 expand")
     t.add_argument("--optimizers", nargs="+")
     t.add_argument("--seeds", type=int)
     t.add_argument("--iterations", type=int)

@@ -174,3 +174,19 @@ def test_cli_list_names_every_baseline():
 def _no_user_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     os.environ.pop("L2O_DATA_DIR", None)
+
+
+def test_task_ranges_expand_and_many_instances_are_pooled(tmp_path):
+    from l2o.tasks.registry import expand_task_specs
+
+    assert expand_task_specs(["logreg/test/2-4", "mnist:48-48:b64"]) == [
+        "logreg/test/2", "logreg/test/3", "logreg/test/4", "mnist:48-48:b64"]
+    with pytest.raises(ValueError, match="empty"):
+        expand_task_specs(["logreg/test/5-1"])
+    cfg = BenchmarkConfig.from_dict({"tasks": ["logreg/test/0-12"], "optimizers": ["sgd:lr=0.5"], "seeds": 1, "iterations": 5})
+    assert len(cfg.tasks) == 13
+    rep = run_benchmark(cfg, tmp_path, progress=False)
+    assert [(c.task, c.n) for c in rep.cells] == [("logreg/test/*", 13)]
+    assert len(list(tmp_path.glob("runs/*/*/*.json"))) == 13
+    tc = TuningConfig.from_dict({"task": ["logreg/train/0-2"], "optimizers": ["sgd"], "seeds": 1, "iterations": 5})
+    assert tc.tasks == ("logreg/train/0", "logreg/train/1", "logreg/train/2")

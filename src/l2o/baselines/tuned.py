@@ -29,7 +29,7 @@ class TunedSettingsError(ValueError):
 class TunedSettings:
     """Chosen hyperparameters per baseline, with the tuning protocol that chose them."""
 
-    task: str
+    task: str | list[str]  # one task spec, or the list tuned on together
     iterations: int
     seeds: tuple[int, ...]
     criterion: str

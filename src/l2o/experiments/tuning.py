@@ -29,7 +29,10 @@ CRITERIA = ("auc", "final")
 
 @dataclass(frozen=True)
 class TuningConfig:
-    task: str = META_TRAINING_TASK
+    """``task`` is one task spec or a list of them (e.g. a 2016 family's training objectives);
+    the criterion is averaged over tasks × seeds."""
+
+    task: str | tuple[str, ...] = META_TRAINING_TASK
     optimizers: tuple[str, ...] = BASELINES
     seeds: int = 3
     iterations: int = 400
@@ -38,7 +41,13 @@ class TuningConfig:
     seed_offset: int = 1000
     data_dir: str | None = None
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return (self.task,) if isinstance(self.task, str) else tuple(self.task)
+
     def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tuning needs at least one task")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.seeds < 1 or self.iterations < 1 or self.jobs < 1:
@@ -53,8 +62,13 @@ class TuningConfig:
         if set(d) - known:
             raise ValueError(f"unknown tuning config key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
         d = dict(d)
+        from l2o.tasks.registry import expand_task_specs
+
         if "optimizers" in d:
             d["optimizers"] = tuple(d["optimizers"])
+        if "task" in d:
+            tasks = expand_task_specs([d["task"]] if isinstance(d["task"], str) else d["task"])
+            d["task"] = tasks[0] if len(tasks) == 1 else tuple(tasks)
         return cls(**d)
 
 
@@ -63,7 +77,8 @@ def tune(config: TuningConfig, out: Path, progress: bool = True, command: str | 
     seeds = list(range(config.seed_offset, config.seed_offset + config.seeds))
     specs = {name: [OptimizerSpec.make(name, {**get_optimizer(name).defaults, **p})
                     for p in get_optimizer(name).grid_points()] for name in config.optimizers}
-    keys = [RunKey(config.task, s, seed, config.iterations) for ss in specs.values() for s in ss for seed in seeds]
+    keys = [RunKey(task, s, seed, config.iterations)
+            for ss in specs.values() for s in ss for task in config.tasks for seed in seeds]
     results = run_grid(keys, Path(out), config.jobs, config.data_dir, progress, desc="tuning")
     by_spec: dict[str, list] = {}
     for r in results:
@@ -86,13 +101,15 @@ def tune(config: TuningConfig, out: Path, progress: bool = True, command: str | 
             raise RuntimeError(f"every grid point of {name!r} diverged on {config.task}; widen its grid")
         settings[name] = min(valid, key=lambda r: r["score"])["hparams"]
     cmd = command or "l2o " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return TunedSettings(config.task, config.iterations, tuple(seeds), config.criterion, cmd,
+    task = config.tasks[0] if len(config.tasks) == 1 else list(config.tasks)
+    return TunedSettings(task, config.iterations, tuple(seeds), config.criterion, cmd,
                          environment(), settings, grid)
 
 
 def format_tuned(t: TunedSettings, names: Sequence[str] | None = None) -> str:
     """A Markdown table of the chosen hyperparameters and their scores."""
-    lines = [f"Tuned on `{t.task}`, T={t.iterations}, seeds {list(t.seeds)}, criterion {t.criterion}.", "",
+    where = t.task if isinstance(t.task, str) else f"{len(t.task)} tasks ({t.task[0]} … {t.task[-1]})"
+    lines = [f"Tuned on `{where}`, T={t.iterations}, seeds {list(t.seeds)}, criterion {t.criterion}.", "",
              "| optimizer | hyperparameters | score | final f(x_T) |", "|---|---|---|---|"]
     for name in names or t.settings:
         row = next(r for r in t.grid[name] if r["hparams"] == t.settings[name])

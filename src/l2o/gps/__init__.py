@@ -3,8 +3,19 @@
 Time-varying linear-Gaussian policies ψ and dynamics p̃ (:mod:`.linear_gaussian`), dynamics
 fitting with a NIW prior (:mod:`.dynamics`), quadratic cost models (:mod:`.cost`) and LQG with a
 KL trust region (:mod:`.lqg`). Everything is float64 with time as the leading dimension.
+On top: Bregman-ADMM updates (:mod:`.badmm`), the environment interface (:mod:`.env`) and the GPS
+training loop (:mod:`.trainer`).
 """
 
+from .badmm import (
+    dual_step,
+    kl_psi_pi,
+    pi_covariance,
+    pi_targets,
+    update_epsilon,
+    update_nu,
+    weighted_regression_loss,
+)
 from .cost import (
     QuadraticCost,
     cost_from_derivatives,
@@ -19,6 +30,15 @@ from .dynamics import (
     fit_dynamics,
     pooled_transitions,
     transition_samples,
+)
+from .env import (
+    Controller,
+    Environment,
+    LinearGaussianController,
+    LinearQuadraticEnv,
+    ModuleController,
+    Trajectories,
+    as_controller,
 )
 from .errors import GPSError, NotPositiveDefiniteError, TrustRegionError
 from .linear_gaussian import (
@@ -39,6 +59,7 @@ from .lqg import (
     solve_fixed_eta,
     solve_trust_region,
 )
+from .trainer import GPSConfig, GPSIterationError, GPSTrainer
 
 __all__ = [
     "QuadraticCost",
@@ -69,4 +90,21 @@ __all__ = [
     "neg_log_policy_cost",
     "solve_fixed_eta",
     "solve_trust_region",
+    "dual_step",
+    "kl_psi_pi",
+    "pi_covariance",
+    "pi_targets",
+    "update_epsilon",
+    "update_nu",
+    "weighted_regression_loss",
+    "Controller",
+    "Environment",
+    "LinearGaussianController",
+    "LinearQuadraticEnv",
+    "ModuleController",
+    "Trajectories",
+    "as_controller",
+    "GPSConfig",
+    "GPSIterationError",
+    "GPSTrainer",
 ]

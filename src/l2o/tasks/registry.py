@@ -20,6 +20,7 @@ from l2o.tasks.mlp import MLPClassifierTask, ProjectedData, project
 from l2o.tasks.synthetic import FAMILIES
 
 _MLP_RE = re.compile(r"^(?P<ds>[a-z0-9_-]+):(?P<inp>\d+)-(?P<hid>\d+):b(?P<batch>\d+|full)(?::p(?P<seed>\d+))?$")
+_RANGE_RE = re.compile(r"^(?P<prefix>[a-z0-9-]+/(?:train|test))/(?P<lo>\d+)-(?P<hi>\d+)$")
 _FAMILY_RE = re.compile(r"^(?P<fam>[a-z0-9-]+)/(?P<split>train|test)/(?P<idx>\d+)$")
 
 META_TRAINING_TASK = "mnist:48-48:b64"
@@ -59,6 +60,21 @@ def parse_task(spec: str) -> MLPTaskSpec | tuple[str, str, int]:
         f"cannot parse task {spec!r}: expected DATASET:IN-HIDDEN:bBATCH[:pSEED] (e.g. 'mnist:48-48:b64') "
         f"or FAMILY/SPLIT/INDEX with FAMILY in {sorted(FAMILIES)} (e.g. 'logreg/test/0')"
     )
+
+
+def expand_task_specs(specs: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand ranges of family instances, ``logreg/test/0-99`` → ``logreg/test/0`` … ``/99``."""
+    out: list[str] = []
+    for spec in specs:
+        m = _RANGE_RE.match(spec)
+        if m:
+            lo, hi = int(m["lo"]), int(m["hi"])
+            if hi < lo:
+                raise ValueError(f"task range {spec!r} is empty")
+            out += [f"{m['prefix']}/{i}" for i in range(lo, hi + 1)]
+        else:
+            out.append(spec)
+    return out
 
 
 @lru_cache(maxsize=16)

@@ -1,0 +1,83 @@
+"""The learned optimizer of Learning to Optimize (Li & Malik 2016) as a ``torch.optim.Optimizer``.
+
+Each ``step(closure)`` evaluates the objective and its gradient once, appends (x⁽ᵗ⁾, ∇f, f) to the
+history features (:class:`~l2o.features.history2016.HistoryTracker`), and moves by π's mean step
+Δx = μ^π(o_t) (deterministic at test time). The policy is tied to the number of coordinates it was
+trained on (the 2016 method is not coordinate-wise), so the parameters must have that many
+coordinates in total.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l2o.checkpoint import load_checkpoint, save_checkpoint
+from l2o.features.history2016 import HistoryTracker, feature_dim
+from l2o.policies.mlp2016 import MLPPolicy2016
+
+CHECKPOINT_KIND = "lto2016-policy"
+
+
+def save_policy(path: str | os.PathLike, policy: MLPPolicy2016, history: int, meta: dict[str, Any]) -> Path:
+    """Save a trained 2016 policy with what is needed to rebuild it (and its provenance)."""
+    return save_checkpoint(path, dict(policy.state_dict()), {
+        "obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "hidden": policy.hidden,
+        "history": history, **meta}, CHECKPOINT_KIND)
+
+
+def load_policy(path: str | os.PathLike) -> tuple[MLPPolicy2016, int, dict[str, Any]]:
+    """(policy, history H, metadata) from a checkpoint written by :func:`save_policy`."""
+    tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
+    policy = MLPPolicy2016(meta["obs_dim"], meta["action_dim"], meta["hidden"])
+    policy.load_state_dict(tensors)
+    return policy, int(meta["history"]), meta
+
+
+class LearnedOptimizer2016(torch.optim.Optimizer):
+    """Steps by a trained 2016 policy π (see the module docstring)."""
+
+    def __init__(self, params: Iterable[Tensor], checkpoint: str | os.PathLike) -> None:
+        super().__init__(params, {})
+        self.policy, self.H, self.meta = load_policy(checkpoint)
+        self.policy.requires_grad_(False)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        n = sum(p.numel() for p in self._params)
+        if n != self.policy.action_dim or feature_dim(n, self.H) != self.policy.obs_dim:
+            raise ValueError(f"this policy was trained for {self.policy.action_dim} coordinates; the parameters have {n}")
+        self.tracker = HistoryTracker(n, self.H)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("LearnedOptimizer2016.step needs a closure: its state includes objective values")
+        with torch.enable_grad():
+            loss = closure()
+        f = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        if not torch.isfinite(torch.tensor(f)):
+            raise FloatingPointError(f"objective is {f}")
+        x = torch.cat([p.detach().reshape(-1) for p in self._params]).to(torch.float64)
+        g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self._params]).to(torch.float64)
+        obs = self.tracker.update(x, g, f)
+        dx = self.policy(obs.unsqueeze(0))[0]
+        i = 0
+        for p in self._params:
+            p.add_(dx[i:i + p.numel()].view_as(p).to(p.dtype))
+            i += p.numel()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        d = super().state_dict()
+        d["history"] = {k: v.clone() for k, v in self.tracker.state_dict().items()}
+        return d
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        hist = state_dict.pop("history")
+        super().load_state_dict(state_dict)
+        self.tracker.load_state_dict(hist)
