@@ -171,3 +171,23 @@ def test_learned_optimizer_2016_steps_by_its_policy_and_round_trips(tmp_path):
     wrong = FAMILIES["smallnet"]().sample("test", 0)
     with pytest.raises(ValueError, match="coordinates"):
         LearnedOptimizer2016(list(wrong.init_params(0).values()), path)
+
+
+def test_local_dynamics_are_exact_on_a_single_quadratic_objective():
+    rng = np.random.default_rng(1)
+    M = torch.tensor(rng.normal(size=(3, 3)))
+    task = _Quadratic(M @ M.T / 3 + 0.2 * torch.eye(3, dtype=torch.float64), torch.tensor(rng.normal(size=3)))
+    env = OptimizerEnv2016([task], horizon=7, history=3)
+    traj = env.rollout(LinearGaussianController(_gd_policy(env, 0.2), noise=True), 6, torch.Generator().manual_seed(2))
+    dyn = env.local_dynamics(traj)
+    assert dyn.A.shape == (6, env.state_dim, env.state_dim)
+    obj = slice(env.n, env.n + env.H)  # objective changes: bilinear in (g, a), linearised at the means
+    other = torch.ones(env.state_dim, dtype=torch.bool)
+    other[obj] = False
+    for t in range(6):
+        pred = traj.states[:, t] @ dyn.A[t].T + traj.actions[:, t] @ dyn.B[t].T + dyn.c[t]
+        # Every block but the objective changes is exact per sample (x, shifts, g + H a) ...
+        torch.testing.assert_close(pred[:, other], traj.states[:, t + 1, other], rtol=1e-9, atol=1e-9)
+        assert float(dyn.F[t][other][:, other].trace()) < 1e-6
+        # ... and the objective changes are exact in the mean over samples.
+        torch.testing.assert_close(pred[:, obj].mean(0), traj.states[:, t + 1, obj].mean(0), rtol=1e-9, atol=1e-9)

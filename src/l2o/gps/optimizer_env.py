@@ -25,7 +25,7 @@ from torch import Tensor
 from l2o.features.history2016 import HistoryTracker, feature_dim
 from l2o.gps.cost import QuadraticCost
 from l2o.gps.env import Controller, Trajectories, as_controller
-from l2o.gps.linear_gaussian import LinearGaussianPolicy
+from l2o.gps.linear_gaussian import LinearGaussianDynamics, LinearGaussianPolicy
 from l2o.tasks.base import Task, flatten, unflatten
 
 DTYPE = torch.float64
@@ -101,8 +101,87 @@ class OptimizerEnv2016:
             a = ctrl.act(t, S[:, t], S[:, t, self.n:], generator).to(DTYPE)
             U[:, t] = torch.where(valid.view(-1, 1), a, torch.zeros_like(a))
             xs = xs + U[:, t]
-        self._last_task_index = which
-        return Trajectories(S, S[:, :, self.n:], U, C, valid)
+        traj = Trajectories(S, S[:, :, self.n:], U, C, valid)
+        self._last_task_index, self._last_valid = which, traj.valid.clone()
+        return traj
+
+    def _task_index(self, trajectories: Trajectories) -> Tensor:
+        """Which training objective each row of ``trajectories`` ran on: rows of the last rollout,
+        or of its valid-only selection."""
+        idx = self._last_task_index
+        if idx is not None and trajectories.n == idx.shape[0]:
+            return idx
+        if idx is not None and trajectories.n == int(self._last_valid.sum()):
+            return idx[self._last_valid]
+        raise ValueError("local models need the trajectories of this environment's last rollout")
+
+    def _mean_hessians(self, trajectories: Trajectories) -> Tensor:
+        """H̄_t [T, n, n]: the mean over valid samples of ∇²f at each sample's x⁽ᵗ⁾ (cached per rollout)."""
+        index = self._task_index(trajectories)
+        cached = getattr(self, "_hess_cache", None)
+        if cached is not None and cached[0] is trajectories:
+            return cached[1]
+        rows = [j for j in range(trajectories.n) if trajectories.valid[j]]
+        if not rows:
+            raise ValueError("every sampled trajectory diverged; no local model can be built")
+        out = torch.zeros(self.horizon, self.n, self.n, dtype=DTYPE)
+        for j in rows:
+            task = self.tasks[int(index[j])]
+
+            def f(v: Tensor, task: Task = task) -> Tensor:
+                return task.loss(unflatten(v, task.groups))
+
+            hess = torch.func.vmap(torch.func.hessian(f))(trajectories.states[j, :, : self.n])
+            out += hess
+        out /= len(rows)
+        out = 0.5 * (out + out.transpose(1, 2))
+        self._hess_cache = (trajectories, out)
+        return out
+
+    def local_dynamics(self, trajectories: Trajectories, min_noise: float = 1e-8) -> LinearGaussianDynamics:
+        """p̃(s_{t+1} | s_t, a_t) from the MDP's known structure, linearised around the samples.
+
+        x' = x + a; the history blocks shift by one lag (zeros stay zeros where undefined);
+        the newest step is a; the newest gradient is g + H̄_t a; the newest objective changes are
+        f(x⁽ᵗ⁺¹⁾) − f(x⁽ᵗ⁺¹⁻ⁱ⁾) = Δ + (f(x⁽ᵗ⁾) − f(x⁽ᵗ⁺¹⁻ⁱ⁾)) with Δ = gᵀa + ½aᵀH̄a linearised at
+        the sample means. The offset c_t and noise F_t are the mean and covariance of the real
+        transitions' residuals under this model, so objective-to-objective variation is noise.
+        """
+        T, n, H, D, d = self.horizon, self.n, self.H, self.state_dim, self.action_dim
+        Hbar = self._mean_hessians(trajectories)
+        v = trajectories.valid
+        S, U = trajectories.states[v], trajectories.actions[v]
+        g0, st0 = n + H, n + H + H * n  # first gradient block, first step block
+        A = torch.zeros(T - 1, D, D, dtype=DTYPE)
+        B = torch.zeros(T - 1, D, d, dtype=DTYPE)
+        c = torch.zeros(T - 1, D, dtype=DTYPE)
+        F = torch.zeros(T - 1, D, D, dtype=DTYPE)
+        I = torch.eye(n, dtype=DTYPE)
+        for t in range(T - 1):
+            A[t, :n, :n] = I
+            B[t, :n] = I
+            A[t, g0:g0 + n, g0:g0 + n] = I
+            B[t, g0:g0 + n] = Hbar[t]
+            for i in range(1, H):
+                A[t, g0 + i * n:g0 + (i + 1) * n, g0 + (i - 1) * n:g0 + i * n] = I
+                A[t, st0 + i * n:st0 + (i + 1) * n, st0 + (i - 1) * n:st0 + i * n] = I
+            B[t, st0:st0 + n] = I
+            gbar, abar = S[:, t, g0:g0 + n].mean(0), U[:, t].mean(0)
+            for i in range(1, H + 1):  # objective change at lag i, defined at t+1 iff t+1−i ≥ 0
+                if t + 1 - i < 0:
+                    continue
+                r = n + i - 1
+                if i >= 2:
+                    A[t, r, r - 1] = 1.0
+                A[t, r, g0:g0 + n] = abar
+                B[t, r] = gbar + Hbar[t] @ abar
+                c[t, r] = -(gbar @ abar) - 0.5 * abar @ Hbar[t] @ abar
+            pred = S[:, t] @ A[t].T + U[:, t] @ B[t].T + c[t]
+            resid = S[:, t + 1] - pred
+            c[t] += resid.mean(0)
+            rc = resid - resid.mean(0)
+            F[t] = rc.T @ rc / max(rc.shape[0] - 1, 1) + min_noise * torch.eye(D, dtype=DTYPE)
+        return LinearGaussianDynamics(A, B, c, F)
 
     def local_cost(self, trajectories: Trajectories) -> QuadraticCost:
         """c̃_t(s, a) = w_t (g_tᵀa + ½ aᵀH̄_t a) + h_t, w_t = T − 1 − t; h_0 = T·mean f(x⁽⁰⁾), else 0.
@@ -113,8 +192,6 @@ class OptimizerEnv2016:
         samples' mean Hessian at step t) is pooled across objectives, so the model does not
         depend on which objective a sample came from; for a quadratic objective it is exact.
         """
-        if self._last_task_index is None or self._last_task_index.shape[0] != trajectories.n:
-            raise ValueError("local_cost needs the trajectories of this environment's last rollout")
         T, n, D, d = self.horizon, self.n, self.state_dim, self.action_dim
         m = D + d
         g0 = n + self.H  # current-gradient block of the state
@@ -125,18 +202,10 @@ class OptimizerEnv2016:
         hq = torch.zeros(T, dtype=DTYPE)
         hq[0] = T * trajectories.costs[rows, 0].mean()
         eye = torch.eye(n, dtype=DTYPE)
+        Hbar = self._mean_hessians(trajectories)
         for t in range(T - 1):
             w = float(T - 1 - t)
-            Hs = []
-            for j in rows:
-                task = self.tasks[int(self._last_task_index[j])]
-
-                def f(v: Tensor, task: Task = task) -> Tensor:
-                    return task.loss(unflatten(v, task.groups))
-
-                Hs.append(torch.func.hessian(f)(trajectories.states[j, t, :n]))
-            H_mean = torch.stack(Hs).mean(0)
-            evals, evecs = torch.linalg.eigh(0.5 * (H_mean + H_mean.T))
+            evals, evecs = torch.linalg.eigh(Hbar[t])
             Cq[t, D:, D:] = w * (evecs * evals.clamp(min=0.0)) @ evecs.T
             Cq[t, g0:g0 + n, D:] = w * eye  # ½ xuᵀ C xu contains w gᵀa through both off-diagonal blocks
             Cq[t, D:, g0:g0 + n] = w * eye

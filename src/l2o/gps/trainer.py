@@ -110,6 +110,7 @@ class GPSConfig:
     dynamics_ridge: float = 1e-6
     # cost model
     cost_model: str = "auto"  # "auto" (exact if env.local_cost exists) | "exact" | "fit"
+    dynamics_model: str = "fit"  # "fit" (regression with prior) | "local" (env.local_dynamics: known structure)
     cost_window: int = 1
     cost_ridge: float = 1e-6
     cost_action_floor: float | None = None  # clip C_aa eigenvalues of a fitted cost
@@ -153,6 +154,7 @@ class GPSConfig:
         check(self.prior_strength >= 0, "prior_strength must be ≥ 0")
         check(self.prior_iterations >= 1, "prior_iterations must be ≥ 1")
         check(self.dynamics_ridge >= 0 and self.cost_ridge >= 0, "ridges must be ≥ 0")
+        check(self.dynamics_model in ("fit", "local"), f"dynamics_model must be 'fit' or 'local', got {self.dynamics_model!r}")
         check(self.cost_model in ("auto", "exact", "fit"), f"cost_model must be 'auto', 'exact' or 'fit', got {self.cost_model!r}")
         check(self.cost_window >= 0, "cost_window must be ≥ 0")
         check(self.cost_action_floor is None or (isinstance(self.cost_action_floor, (int, float))
@@ -439,7 +441,13 @@ class GPSTrainer:
             if c.prior != "none":
                 pooled, _ = pooled_transitions(X, U)
                 self.prior_buffer = (self.prior_buffer + [pooled])[-c.prior_iterations:]
-            dyn = fit_dynamics(X, U, prior=self._prior(it), ridge=c.dynamics_ridge)
+            if c.dynamics_model == "local":
+                local_dyn = getattr(self.env, "local_dynamics", None)
+                if not callable(local_dyn):
+                    raise ValueError("dynamics_model='local' but the environment has no local_dynamics(trajectories)")
+                dyn = local_dyn(traj)
+            else:
+                dyn = fit_dynamics(X, U, prior=self._prior(it), ridge=c.dynamics_ridge)
         except (ValueError, RuntimeError) as e:
             raise GPSIterationError(it, "dynamics fit", str(e), t=getattr(e, "t", None)) from e
         try:
