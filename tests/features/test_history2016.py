@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from l2o.features.history2016 import HistoryTracker, feature_dim, history_features
+from l2o.experiments.meta_gps2016 import gradient_descent_psi
 from l2o.gps.env import LinearGaussianController
 from l2o.gps.linear_gaussian import LinearGaussianPolicy
 from l2o.gps.optimizer_env import OptimizerEnv2016
@@ -41,12 +42,8 @@ def test_history_features_match_reference_and_online_tracker():
 
 
 def _gd_policy(env: OptimizerEnv2016, lr: float) -> LinearGaussianPolicy:
-    """ψ with K_t selecting −lr × the current-gradient block of the state: gradient descent."""
-    T, D, d = env.horizon, env.state_dim, env.action_dim
-    K = torch.zeros(T, d, D, dtype=torch.float64)
-    g0 = env.n + env.H  # state = [x (n), objective changes (H), gradients (H·n), steps (H·n)]
-    K[:, :, g0:g0 + d] = -lr * torch.eye(d, dtype=torch.float64)
-    return LinearGaussianPolicy(K, torch.zeros(T, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64).expand(T, d, d) * 1e-4)
+    """ψ = gradient descent with step ``lr`` (the driver's ψ₀), with small exploration noise."""
+    return gradient_descent_psi(env, lr, 1e-4)
 
 
 def test_a_gradient_descent_psi_reproduces_gradient_descent_in_the_mdp():

@@ -14,13 +14,14 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import l2o
+from l2o.config import check_keys
 from l2o.baselines.registry import OptimizerSpec, parse_optimizer
 from l2o.experiments.plots import plot_benchmark
 from l2o.experiments.runner import RunResult, run_optimizer
@@ -111,10 +112,7 @@ class BenchmarkConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchmarkConfig:
         """Build from a config mapping, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown benchmark config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_keys(cls, d, "benchmark")
         d = dict(d)
         from l2o.tasks.registry import expand_task_specs
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from l2o.config import check_keys
 from l2o.features.history2016 import feature_dim
 from l2o.gps.linear_gaussian import LinearGaussianPolicy
 from l2o.gps.optimizer_env import OptimizerEnv2016
@@ -59,9 +60,7 @@ class LTO2016Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LTO2016Config:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown gps2016 config key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+        check_keys(cls, d, "gps2016")
         return cls(**d)
 
 

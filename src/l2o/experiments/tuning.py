@@ -12,12 +12,13 @@ import math
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from l2o.config import check_keys
 from l2o.baselines.registry import BASELINES, OptimizerSpec, get_optimizer
 from l2o.baselines.tuned import TunedSettings
 from l2o.experiments.benchmark import environment, run_grid
@@ -58,9 +59,7 @@ class TuningConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuningConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown tuning config key(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+        check_keys(cls, d, "tuning")
         d = dict(d)
         from l2o.tasks.registry import expand_task_specs
 
