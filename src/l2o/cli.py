@@ -1,4 +1,4 @@
-"""The ``l2o`` command line: benchmark, tune, meta-train, data, list."""
+"""The ``l2o`` command line: benchmark, tune, meta-train, reproduce, data, list."""
 
 from __future__ import annotations
 
@@ -138,7 +138,33 @@ def _meta_train_l2l(args: argparse.Namespace) -> int:
     return 0
 
 
-META_TRAINERS = {"l2l": _meta_train_l2l}
+def _meta_train_psd(args: argparse.Namespace) -> int:
+    """Meta-train Predicted Step Descent with Convolutional GPS (Li & Malik 2017)."""
+    import shlex
+
+    from l2o.gps.conv_trainer import ConvGPSConfig
+    from l2o.experiments.meta_psd import meta_train
+
+    overrides = {"data_dir": args.data_dir, "iterations": args.iterations}
+    if args.config:
+        config = ConvGPSConfig.from_file(Path(args.config), **overrides)
+    else:
+        config = ConvGPSConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out or "runs/meta-train-psd")
+    words = ["l2o", "meta-train", "psd"] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
+    if args.iterations is not None:
+        words += ["--iterations", str(args.iterations)]
+    if args.data_dir:
+        words += ["--data-dir", args.data_dir]
+    result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
+    best = min((r["pi_auc"] for r in result.log if r["pi_auc"] is not None), default=float("nan"))
+    print(f"iterations: {len(result.log)}  wall: {result.wall_s:.1f} s  best held-out π AUC: {best:.4f}")
+    for name, path in (("checkpoint", result.checkpoint), ("policy", result.policy), ("log", result.log_file)):
+        print(f"{name}: {path}")
+    return 0
+
+
+META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd}
 """``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
 
 
@@ -148,6 +174,33 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every finished episode is checkpointed; rerun with --resume to continue", file=sys.stderr)
         return 130
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Regenerate the paper's Figures 1-5 and table (issue 6)."""
+    import shlex
+
+    from l2o.experiments.reproduce import ReproduceConfig, reproduce
+
+    words = ["l2o", "reproduce"] + (["--quick"] if args.quick else [])
+    for flag, v in (("--jobs", args.jobs), ("--seeds", args.seeds), ("--out", args.out), ("--doc", args.doc),
+                    ("--data-dir", args.data_dir)):
+        if v is not None:
+            words += [flag, str(v)]
+    words += ["--skip-missing"] if args.skip_missing else []
+    words += ["--optimizers", *args.optimizers] if args.optimizers else []
+    config = ReproduceConfig(quick=args.quick, seeds=args.seeds, jobs=_jobs(args), data_dir=args.data_dir,
+                             skip_missing=args.skip_missing, command=shlex.join(words),
+                             **({"optimizers": tuple(args.optimizers)} if args.optimizers else {}))
+    out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
+    doc = Path(args.doc) if args.doc else (out / "REPRODUCTION.md" if args.quick else Path("docs/REPRODUCTION.md"))
+    report = reproduce(config, out, doc, progress=not args.quiet)
+    for name, by_metric in report.scorecard.items():
+        for metric, c in by_metric.items():
+            print(f"{name:10s} {metric:5s}: {c['win']} win, {c['tie']} tie, {c['loss']} loss, {c['absent']} absent")
+    for k, p in report.files.items():
+        print(f"{k}: {p}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,14 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable; checkpoint after every episode)")
-    mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD)")
+    mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD); psd: Predicted Step Descent (Convolutional GPS)")
     mt.add_argument("--config", help="TOML/JSON file with the method's config fields, e.g. configs/l2l.toml")
     mt.add_argument("--out", help="output folder (default runs/meta-train-METHOD)")
     mt.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    mt.add_argument("--episodes", type=int, help="override the config's number of episodes")
+    mt.add_argument("--episodes", type=int, help="l2l: override the config's number of episodes")
+    mt.add_argument("--iterations", type=int, help="psd: override the config's number of GPS iterations")
     mt.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR)")
     mt.add_argument("--quiet", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)
+
+    rp = sub.add_parser("reproduce", help="regenerate the 2017 paper's Figures 1-5 and table (resumable)")
+    rp.add_argument("--quick", action="store_true", help="same code on a small grid (bundled digits, T/40, 2 seeds)")
+    rp.add_argument("--seeds", type=int, help="seeds per cell (default 5; 2 with --quick)")
+    rp.add_argument("--out", help="folder for run records and outputs (default runs/reproduce[-quick]); rerunning resumes")
+    rp.add_argument("--doc", help="document to write (default docs/REPRODUCTION.md; with --quick OUT/REPRODUCTION.md)")
+    rp.add_argument("--skip-missing", action="store_true",
+                    help="run the rest when an optimizer cannot run (e.g. weights missing) and mark it absent")
+    rp.add_argument("--optimizers", nargs="+", help="a subset of the paper's nine (default: all nine)")
+    _add_common(rp)
+    rp.set_defaults(func=cmd_reproduce)
 
     ls = sub.add_parser("list", help="list optimizers, task grammar and presets")
     ls.set_defaults(func=cmd_list)

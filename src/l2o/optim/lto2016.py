@@ -5,6 +5,9 @@ history features (:class:`~l2o.features.history2016.HistoryTracker`), and moves 
 Δx = μ^π(o_t) (deterministic at test time). The policy is tied to the number of coordinates it was
 trained on (the 2016 method is not coordinate-wise), so the parameters must have that many
 coordinates in total.
+
+Registered with the benchmark harness as ``lto2016:checkpoint=PATH`` (a ``policy.safetensors``
+written by ``l2o meta-train gps2016``); there is no packaged default.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from l2o.baselines.registry import OptimizerEntry, register_optimizer
 from l2o.checkpoint import load_checkpoint, save_checkpoint
 from l2o.features.history2016 import HistoryTracker, feature_dim
 from l2o.policies.mlp2016 import MLPPolicy2016
@@ -35,7 +39,7 @@ def load_policy(path: str | os.PathLike) -> tuple[MLPPolicy2016, int, dict[str, 
     """(policy, history H, metadata) from a checkpoint written by :func:`save_policy`."""
     tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
     policy = MLPPolicy2016(meta["obs_dim"], meta["action_dim"], meta["hidden"])
-    policy.load_state_dict(tensors)
+    policy.load_state_dict({k: v.clone() for k, v in tensors.items()})
     return policy, int(meta["history"]), meta
 
 
@@ -81,3 +85,14 @@ class LearnedOptimizer2016(torch.optim.Optimizer):
         hist = state_dict.pop("history")
         super().load_state_dict(state_dict)
         self.tracker.load_state_dict(hist)
+
+
+def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    path = hp.get("checkpoint")
+    if path in (None, "", "none"):
+        raise ValueError("lto2016 needs a trained policy: lto2016:checkpoint=PATH "
+                         "(the policy.safetensors written by `l2o meta-train gps2016`)")
+    return LearnedOptimizer2016(params, checkpoint=str(path))
+
+
+register_optimizer(OptimizerEntry("lto2016", "LTO (2016, GPS)", _factory, defaults={"checkpoint": "none"}, learned=True))

@@ -1,0 +1,238 @@
+"""The MDP of Convolutional GPS (Li & Malik 2017, §3.5–3.6): rollouts of an optimizer on a task,
+recorded per coordinate group.
+
+Per coordinate j the state is s_t^j = (x_t^j, Φ_t^j) (77 numbers), the observation o_t^j = Ψ_t^j
+(3), the action a_t^j = Δx^j and x_{t+1} = x_t + a_t. A controller acts on *all* coordinates at
+once (features are computed vectorised over coordinates, never in a Python loop over them); for
+fitting, every trajectory records a fixed random subsample of ``coords_per_group`` coordinates of
+each group (the coordinates of a group are exchangeable samples of one per-group problem, so a
+subsample estimates the same per-group statistics at a fraction of the memory).
+
+Each rollout also records, for the telescoped cost model of :mod:`l2o.gps.conv_trainer`:
+* the true objective f(x_t) every ``eval_every`` steps (and at t = T), for the costs ψ and π
+  actually incur;
+* per group g, the effective curvature along the step taken, h_{g,t} = a_gᵀ(∇²f̂ a)_g / a_gᵀa_g,
+  every ``curvature_every`` steps (a Hessian–vector product on that step's mini-batch). Summed
+  over groups, ½ Σ_g h_{g,t}|a_g|² = ½ aᵀ∇²f̂ a, the exact second-order term of the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from l2o.features.conv2017 import PSI_DIM, STATE_DIM, observation_step, state_features
+from l2o.tasks.base import Task, flatten, unflatten
+
+GRAD_FEATURE = 1 + 25
+"""Index in s_t^j of Φ2_0 = ḡ_t/(|ḡ_{max(t−5, t mod 5)}| + 1), the state's current-gradient feature
+(after x_t^j and the 25 objective-change features)."""
+
+
+class Controller(Protocol):
+    """Chooses a_t for every coordinate (flat, in group order)."""
+
+    needs_states: bool
+    """Whether :meth:`act` needs the states s_t (computing Φ for every coordinate costs time)."""
+
+    def reset(self, n: int) -> None: ...
+
+    def act(self, t: int, states: Tensor | None, observations: Tensor, generator: torch.Generator) -> Tensor:
+        """states [n, 77] (or None), observations [n, 3] → actions [n]."""
+        ...
+
+
+@dataclass
+class Rollout:
+    """One trajectory. Per group g (in task order): ``states[g]`` [T, S_g, 77], ``actions[g]``
+    [T, S_g], ``observations[g]`` [T, S_g, 3] for the subsampled coordinates ``coords[g]``.
+    ``true_loss`` [len(eval_steps)] is f(x_t) at ``eval_steps``; ``batch_loss`` [T] is f̂_t;
+    ``curvature`` [len(curvature_steps), G] is h_{g,t}; ``action_rms`` [T, G] the RMS step per
+    group; ``grad_moments`` [len(eval_steps), G, 2] holds Σ_j ∇_j f·Φ2_0^j and Σ_j (Φ2_0^j)² over the
+    group's coordinates at the evaluated steps (true gradient ∇f on the full training set), from
+    which the trainer regresses the true gradient on the state's gradient feature. ``diverged`` is set (and the arrays are NaN from that step on) if f̂ or a step was not
+    finite."""
+
+    seed: int
+    states: list[Tensor]
+    actions: list[Tensor]
+    observations: list[Tensor]
+    coords: list[Tensor]
+    eval_steps: Tensor
+    true_loss: Tensor
+    batch_loss: Tensor
+    curvature_steps: Tensor
+    curvature: Tensor
+    action_rms: Tensor
+    diverged: bool
+    grad_moments: Tensor | None = None
+    history: tuple[Tensor, Tensor, Tensor] | None = None
+    """(xs [T+1, n], gs [T+1, n], fs [T+1]) when requested: iterates, mini-batch gradients and
+    objective values (gs[T], fs[T] are zero: no gradient is taken at x_T)."""
+
+
+    def auc(self) -> float:
+        """Mean of f(x_t) over the evaluated steps t ≥ 1 (the AUC criterion of the benchmarks)."""
+        return float(self.true_loss[1:].mean())
+
+
+def _group_slices(task: Task) -> list[slice]:
+    out, i = [], 0
+    for g in task.groups:
+        out.append(slice(i, i + g.numel))
+        i += g.numel
+    return out
+
+
+def rollout(
+    task: Task,
+    controller: Controller,
+    seed: int,
+    horizon: int,
+    coords_per_group: int,
+    eval_every: int = 10,
+    curvature_every: int = 20,
+    record_states: bool = True,
+    dtype: torch.dtype = torch.float32,
+    return_history: bool = False,
+) -> Rollout:
+    """Run ``controller`` on ``task`` from x⁽⁰⁾(seed) for ``horizon`` steps with mini-batches drawn
+    by a generator seeded from ``seed``; exploration noise uses a third seeded generator, so a
+    rollout is a deterministic function of (controller, seed)."""
+    T = int(horizon)
+    if T < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    groups = task.groups
+    slices = _group_slices(task)
+    n = task.dim
+    x = flatten(task.init_params(seed, dtype), groups).detach().clone()
+    batch_gen = torch.Generator().manual_seed(1_000_003 + seed)
+    noise_gen = torch.Generator().manual_seed(2_000_003 + seed)
+    pick_gen = torch.Generator().manual_seed(3_000_003 + seed)
+    coords = [torch.randperm(s.stop - s.start, generator=pick_gen)[: min(coords_per_group, s.stop - s.start)].sort().values
+              for s in slices]
+    flat_coords = [c + s.start for c, s in zip(coords, slices)]
+
+    xs = torch.zeros(T + 1, n, dtype=dtype)
+    gs = torch.zeros(T + 1, n, dtype=dtype)
+    fs = torch.zeros(T + 1, dtype=dtype)
+    rec_s = [torch.full((T, len(c), STATE_DIM), math.nan, dtype=dtype) for c in coords] if record_states else []
+    rec_a = [torch.full((T, len(c)), math.nan, dtype=dtype) for c in coords]
+    rec_o = [torch.full((T, len(c), PSI_DIM), math.nan, dtype=dtype) for c in coords]
+    eval_steps = torch.tensor(sorted(set(range(0, T + 1, eval_every)) | {T}), dtype=torch.long)
+    curv_steps = torch.arange(0, T, curvature_every, dtype=torch.long)
+    true_loss = torch.full((len(eval_steps),), math.nan, dtype=torch.float64)
+    curvature = torch.full((len(curv_steps), len(groups)), math.nan, dtype=torch.float64)
+    batch_loss = torch.full((T,), math.nan, dtype=torch.float64)
+    action_rms = torch.full((T, len(groups)), math.nan, dtype=torch.float64)
+    grad_moments = torch.full((len(eval_steps), len(groups), 2), math.nan, dtype=torch.float64) if record_states else None
+    eval_pos = {int(t): i for i, t in enumerate(eval_steps)}
+    curv_pos = {int(t): i for i, t in enumerate(curv_steps)}
+
+    controller.reset(n)
+    diverged = False
+    for t in range(T + 1):
+        if t in eval_pos:
+            with torch.no_grad():
+                true_loss[eval_pos[t]] = task.true_loss(unflatten(x, groups))
+        if t == T:
+            break
+        idx = task.sample_batch(batch_gen)
+        xg = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = task.loss(unflatten(xg, groups), idx)
+            need_hvp = t in curv_pos
+            (g,) = torch.autograd.grad(loss, xg, create_graph=need_hvp)
+        f_val = float(loss.detach())
+        if not (math.isfinite(f_val) and bool(torch.isfinite(g).all())):
+            diverged = True
+            break
+        batch_loss[t] = f_val
+        xs[t], gs[t], fs[t] = x, g.detach(), f_val
+        obs = observation_step(fs[t], fs[t - 1] if t >= 1 else None, gs[t], gs[t - 1] if t >= 1 else None,
+                               xs[t], xs[t - 1] if t >= 1 else None, xs[t - 2] if t >= 2 else None)
+        S = None
+        if controller.needs_states or record_states:
+            phi = state_features(xs[: t + 1], gs[: t + 1], fs[: t + 1], times=torch.tensor([t]))[0]
+            S = torch.cat([x.unsqueeze(-1), phi], dim=-1)
+        a = controller.act(t, S if controller.needs_states else None, obs, noise_gen).detach().to(dtype)
+        if a.shape != (n,) or not bool(torch.isfinite(a).all()):
+            diverged = True
+            break
+        if grad_moments is not None and t in eval_pos:
+            xt = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g_true,) = torch.autograd.grad(task.loss(unflatten(xt, groups), None), xt)
+            feat = S[:, GRAD_FEATURE]
+            for gi, s in enumerate(slices):
+                grad_moments[eval_pos[t], gi, 0] = float((g_true[s] * feat[s]).sum())
+                grad_moments[eval_pos[t], gi, 1] = float(feat[s].square().sum())
+        for gi, (c, s) in enumerate(zip(flat_coords, slices)):
+            if record_states:
+                rec_s[gi][t] = S[c]
+            rec_a[gi][t] = a[c]
+            rec_o[gi][t] = obs[c]
+            action_rms[t, gi] = float(a[s].square().mean().sqrt())
+        if need_hvp:
+            (hv,) = torch.autograd.grad(g, xg, grad_outputs=a)
+            for gi, s in enumerate(slices):
+                den = float(a[s].square().sum())
+                curvature[curv_pos[t], gi] = float((a[s] * hv[s]).sum()) / den if den > 0 else math.nan
+        x = x + a
+    xs[T] = x
+    return Rollout(seed, rec_s, rec_a, rec_o, coords, eval_steps, true_loss, batch_loss, curv_steps, curvature,
+                   action_rms, diverged or not bool(torch.isfinite(true_loss).all()), grad_moments,
+                   (xs, gs, fs) if return_history else None)
+
+
+class GroupLinearGaussianController:
+    """ψ for every group: a_t^j = K_t^g s_t^j + k_t^g (+ N(0, G_t^g) noise), one time-varying
+    linear-Gaussian policy per coordinate group shared by the group's coordinates."""
+
+    needs_states = True
+
+    def __init__(self, task: Task, policies: Sequence, noise: bool = True) -> None:
+        if len(policies) != len(task.groups):
+            raise ValueError(f"need one policy per coordinate group ({len(task.groups)}), got {len(policies)}")
+        self.slices = _group_slices(task)
+        self.policies = list(policies)
+        self.noise = noise
+
+    def reset(self, n: int) -> None:
+        pass
+
+    def act(self, t: int, states: Tensor | None, observations: Tensor, generator: torch.Generator) -> Tensor:
+        assert states is not None
+        out = torch.empty(states.shape[0], dtype=torch.float64)
+        for s, pol in zip(self.slices, self.policies):
+            mean = states[s].to(torch.float64) @ pol.K[t, 0] + pol.k[t, 0]
+            if self.noise:
+                mean = mean + float(pol.cov[t, 0, 0]) ** 0.5 * torch.randn(mean.shape, generator=generator, dtype=torch.float64)
+            out[s] = mean
+        return out
+
+
+class LSTMController:
+    """π: the PSD LSTM on Ψ for every coordinate (deterministic mean action)."""
+
+    needs_states = False
+
+    def __init__(self, net: dict[str, Tensor]) -> None:
+        from l2o.policies import psd_lstm
+
+        self.net = {k: v.detach() for k, v in net.items()}
+        self._psd = psd_lstm
+        self.hidden = None
+
+    def reset(self, n: int) -> None:
+        self.hidden = self._psd.init_hidden(n, self.net["W_hh"].shape[-1], self.net["W_hh"].dtype)
+
+    @torch.no_grad()
+    def act(self, t: int, states: Tensor | None, observations: Tensor, generator: torch.Generator) -> Tensor:
+        a, self.hidden = self._psd.step(self.net, self.hidden, observations.to(self.net["W_hh"].dtype))
+        return a
