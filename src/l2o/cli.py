@@ -164,7 +164,33 @@ def _meta_train_psd(args: argparse.Namespace) -> int:
     return 0
 
 
-META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd}
+def _meta_train_gps2016(args: argparse.Namespace) -> int:
+    """Meta-train the Learning to Optimize (2016) policy with (multi-condition) GPS."""
+    import json
+    import shlex
+    import time
+
+    from l2o.experiments.benchmark import load_config_file
+    from l2o.experiments.meta_gps2016 import LTO2016Config, meta_train
+
+    config = LTO2016Config.from_dict(load_config_file(Path(args.config)) if args.config else {})
+    out = Path(args.out or "runs/meta-train-gps2016")
+    words = ["l2o", "meta-train", "gps2016"] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
+    if args.iterations is not None:
+        words += ["--iterations", str(args.iterations)]
+    t0 = time.perf_counter()
+    policy = meta_train(config, out, resume=args.resume, progress=not args.quiet, iterations=args.iterations,
+                        command=shlex.join(words))
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    if logs:
+        r = logs[-1]
+        print(f"GPS iterations: {len(logs)}  wall (this call): {time.perf_counter() - t0:.1f} s  "
+              f"last ψ cost: {r['psi_cost']:.4g}  last π cost: {r['pi_cost']}")
+    print(f"policy: {policy}\nlog: {out / 'log.jsonl'}")
+    return 0
+
+
+META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd, "gps2016": _meta_train_gps2016}
 """``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
 
 
@@ -239,12 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable; checkpoint after every episode)")
-    mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD); psd: Predicted Step Descent (Convolutional GPS)")
+    mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD); psd: Predicted Step Descent (Convolutional GPS); "
+                    "gps2016: Learning to Optimize (Li & Malik 2016) with GPS")
     mt.add_argument("--config", help="TOML/JSON file with the method's config fields, e.g. configs/l2l.toml")
     mt.add_argument("--out", help="output folder (default runs/meta-train-METHOD)")
     mt.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     mt.add_argument("--episodes", type=int, help="l2l: override the config's number of episodes")
-    mt.add_argument("--iterations", type=int, help="psd: override the config's number of GPS iterations")
+    mt.add_argument("--iterations", type=int, help="psd, gps2016: override the config's number of GPS iterations")
     mt.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR)")
     mt.add_argument("--quiet", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)

@@ -34,8 +34,8 @@ import torch
 from l2o.config import check_keys
 from l2o.features.history2016 import feature_dim
 from l2o.gps.linear_gaussian import LinearGaussianPolicy
-from l2o.gps.optimizer_env import OptimizerEnv2016
 from l2o.gps.multi_trainer import MultiConditionGPSTrainer
+from l2o.gps.optimizer_env import OptimizerEnv2016
 from l2o.gps.trainer import CHECKPOINT_NAME, GPSConfig, GPSTrainer
 from l2o.optim.lto2016 import save_policy
 from l2o.policies.mlp2016 import MLPPolicy2016

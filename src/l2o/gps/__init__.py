@@ -59,6 +59,7 @@ from .lqg import (
     solve_fixed_eta,
     solve_trust_region,
 )
+from .multi_trainer import MultiConditionGPSTrainer
 from .trainer import GPSConfig, GPSIterationError, GPSTrainer
 
 __all__ = [
@@ -107,4 +108,5 @@ __all__ = [
     "GPSConfig",
     "GPSIterationError",
     "GPSTrainer",
+    "MultiConditionGPSTrainer",
 ]

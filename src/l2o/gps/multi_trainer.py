@@ -48,7 +48,14 @@ from ..checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .badmm import dual_step, kl_psi_pi, pi_covariance, pi_targets, update_epsilon, update_nu
+from .badmm import (
+    dual_step,
+    kl_psi_pi,
+    pi_covariance,
+    pi_targets,
+    update_epsilon,
+    update_nu,
+)
 from .cost import QuadraticCost, fit_quadratic_cost
 from .dynamics import GaussianPrior, GMMPrior, fit_dynamics, pooled_transitions
 from .env import Environment, LinearGaussianController, ModuleController, Trajectories
@@ -57,7 +64,7 @@ from .linear_gaussian import DTYPE, LinearGaussianPolicy, fit_linear_gaussian_po
 from .lqg import expected_cost, solve_trust_region
 from .trainer import GPSConfig, GPSIterationError
 
-__all__ = ["MultiConditionGPSTrainer", "CHECKPOINT_KIND", "CHECKPOINT_NAME", "LOG_NAME"]
+__all__ = ["CHECKPOINT_KIND", "CHECKPOINT_NAME", "LOG_NAME", "MultiConditionGPSTrainer"]
 
 CHECKPOINT_KIND = "gps-multi-trainer"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -446,7 +453,7 @@ class MultiConditionGPSTrainer:
                 pi_costs.append(p["pi_cost"])
         self.iteration = it + 1
         finite_pi = [x for x in pi_costs if x is not None]
-        mean = lambda k: float(sum(p[k] for p in per) / len(per))  # noqa: E731
+        mean = lambda k: float(sum(p[k] for p in per) / len(per))
         rec = {
             "iteration": it,
             "conditions": self.n_conditions,
