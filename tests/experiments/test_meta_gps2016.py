@@ -98,6 +98,9 @@ def test_cli_meta_train_resume_and_benchmark_by_name(tmp_path, capsys) -> None:
     assert {(m.baseline, m.metric) for m in ms} == {("sgd:lr=0.1", "final"), ("sgd:lr=0.1", "auc")}
     final = next(m for m in ms if m.metric == "final")
     assert final.n == 1 and final.mean == pytest.approx(sgd.final - res.final)
+    rows3 = {r["optimizer"]: r for r in per_task_rows([res, sgd], horizon=3)}
+    assert float(rows3[str(spec)]["final_mean"]) == res.true_loss[3]
+    assert float(rows3["sgd:lr=0.1"]["auc_mean"]) == pytest.approx(sum(sgd.true_loss[1:4]) / 3)
     assert plot_mean_curves([res, sgd], tmp_path / "curves.png").stat().st_size > 0
 
 

@@ -47,3 +47,17 @@ def test_meta_train_writes_a_policy_the_optimizer_runs_and_resumes_only_when_ask
         meta_train(_config(2), tmp_path, progress=False)
     res2 = meta_train(_config(2), tmp_path, resume=True, progress=False)
     assert [r["iteration"] for r in res2.log] == [0, 1]
+
+
+def test_log_table_and_plot(tmp_path):
+    from l2o.experiments.meta_psd import log_table, main
+
+    log = [{"iteration": i, "psi_auc": 0.6 - 0.01 * i, "psi_final": 0.5, "pi_auc": None if i == 0 else 0.55,
+            "pi_final": None if i == 0 else 0.45, "pi_regression_rel_rmse": 0.2, "epsilon": 0.1,
+            "groups": [{"group": "W1", "gain_K_grad": -1.0}, {"group": "b1", "gain_K_grad": -0.9}]} for i in range(3)]
+    table = log_table(log)
+    assert table.count("\n") == 4 and "gain Φ2_0 b1" in table and "diverged" in table
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    assert main([str(path), "--iterations", "2", "--plot", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 1000

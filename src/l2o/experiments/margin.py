@@ -96,18 +96,29 @@ def load_runs(bench: str | Path) -> list:
     return [RunResult.from_dict(json.loads(f.read_text())) for f in files]
 
 
-def per_task_rows(runs: Sequence) -> list[dict[str, str]]:
-    """One row per (task, optimizer): seed-mean final and AUC, and whether any seed diverged."""
+def _truncated(r, horizon: int | None) -> tuple[bool, float, float]:
+    """(diverged, final, auc) of run ``r`` over its first ``horizon`` iterations (None: all)."""
+    h = len(r.true_loss) - 1 if horizon is None else int(horizon)
+    if not 1 <= h <= len(r.true_loss) - 1:
+        raise ValueError(f"horizon must be in [1, {len(r.true_loss) - 1}], got {horizon}")
+    vals = r.true_loss[1:h + 1]
+    if r.true_loss[0] is None or any(v is None for v in vals):
+        return True, math.inf, math.inf
+    return False, float(vals[-1]), math.fsum(vals) / len(vals)
+
+
+def per_task_rows(runs: Sequence, horizon: int | None = None) -> list[dict[str, str]]:
+    """One row per (task, optimizer): seed-mean final f(x_h) and AUC (mean f over iterations 1..h,
+    h = ``horizon`` or the whole run), and whether any seed diverged by then."""
     groups: dict[tuple[str, str], list] = {}
     for r in runs:
-        groups.setdefault((r.task, r.optimizer), []).append(r)
+        groups.setdefault((r.task, r.optimizer), []).append(_truncated(r, horizon))
     rows = []
     for (task, opt), rs in sorted(groups.items()):
-        div = any(r.diverged for r in rs)
-        mean = (lambda xs: sum(xs) / len(xs))
+        div = any(x[0] for x in rs)
         rows.append({"task": task, "optimizer": opt, "diverged": str(int(div)), "seeds": str(len(rs)),
-                     "final_mean": "nan" if div else repr(mean([r.final for r in rs])),
-                     "auc_mean": "nan" if div else repr(mean([r.auc for r in rs]))})
+                     "final_mean": "nan" if div else repr(sum(x[1] for x in rs) / len(rs)),
+                     "auc_mean": "nan" if div else repr(sum(x[2] for x in rs) / len(rs))})
     return rows
 
 
@@ -150,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learned", default="lto2016", help="spec prefix of the learned optimizer")
     p.add_argument("--figure", help="also write the mean objective-vs-iteration figure here")
     p.add_argument("--title")
+    p.add_argument("--horizon", type=int, action="append",
+                   help="also report the margins over the first H iterations (repeatable)")
     a = p.parse_args(argv)
     runs = load_runs(a.bench)
-    print(format_margins(margins(per_task_rows(runs), a.learned), a.learned))
+    for h in [None, *(a.horizon or [])]:
+        n_it = len(runs[0].true_loss) - 1 if h is None else h
+        print(f"\n### Over iterations 1..{n_it}\n")
+        print(format_margins(margins(per_task_rows(runs, h), a.learned), a.learned))
     if a.figure:
         print(f"figure: {plot_mean_curves(runs, a.figure, a.title)}")
     return 0

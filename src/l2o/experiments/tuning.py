@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from l2o.config import check_keys
 from l2o.baselines.registry import BASELINES, OptimizerSpec, get_optimizer
 from l2o.baselines.tuned import TunedSettings
+from l2o.config import check_keys
 from l2o.experiments.benchmark import environment, run_grid
 from l2o.experiments.store import RunKey
 from l2o.tasks.registry import META_TRAINING_TASK
@@ -41,6 +41,9 @@ class TuningConfig:
     jobs: int = 1
     seed_offset: int = 1000
     data_dir: str | None = None
+    # Per-optimizer grid overrides, e.g. {"sgd": {"lr": [1.0, 3.0, 10.0]}}: a listed hyperparameter's
+    # values replace the registry grid's (unlisted ones keep the registry's values).
+    grids: dict[str, dict[str, tuple[Any, ...]]] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -56,6 +59,23 @@ class TuningConfig:
         for name in self.optimizers:
             if get_optimizer(name).learned:
                 raise ValueError(f"{name!r} is a learned optimizer: it is meta-trained, not grid-searched")
+        for name, g in (self.grids or {}).items():
+            if name not in self.optimizers:
+                raise ValueError(f"grids: {name!r} is not among the tuned optimizers {list(self.optimizers)}")
+            unknown = set(g) - get_optimizer(name).hyperparameters
+            if unknown:
+                raise ValueError(f"grids: {name!r} has no hyperparameter(s) {sorted(unknown)}")
+            if any(len(v) == 0 for v in g.values()):
+                raise ValueError(f"grids: {name!r} has an empty list of values")
+
+    def grid_points(self, name: str) -> list[dict[str, Any]]:
+        """The settings searched for optimizer ``name``: its registry grid with the overrides of
+        :attr:`grids` applied (Cartesian product)."""
+        grid = {**get_optimizer(name).grid, **{k: tuple(v) for k, v in (self.grids or {}).get(name, {}).items()}}
+        points: list[dict[str, Any]] = [{}]
+        for key, values in grid.items():
+            points = [{**p, key: v} for p in points for v in values]
+        return points
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuningConfig:
@@ -65,6 +85,8 @@ class TuningConfig:
 
         if "optimizers" in d:
             d["optimizers"] = tuple(d["optimizers"])
+        if d.get("grids") is not None:
+            d["grids"] = {n: {k: tuple(v) for k, v in g.items()} for n, g in d["grids"].items()}
         if "task" in d:
             tasks = expand_task_specs([d["task"]] if isinstance(d["task"], str) else d["task"])
             d["task"] = tasks[0] if len(tasks) == 1 else tuple(tasks)
@@ -75,7 +97,7 @@ def tune(config: TuningConfig, out: Path, progress: bool = True, command: str | 
     """Run the grid (resumable under ``out``) and return the chosen settings with all scores."""
     seeds = list(range(config.seed_offset, config.seed_offset + config.seeds))
     specs = {name: [OptimizerSpec.make(name, {**get_optimizer(name).defaults, **p})
-                    for p in get_optimizer(name).grid_points()] for name in config.optimizers}
+                    for p in config.grid_points(name)] for name in config.optimizers}
     keys = [RunKey(task, s, seed, config.iterations)
             for ss in specs.values() for s in ss for task in config.tasks for seed in seeds]
     results = run_grid(keys, Path(out), config.jobs, config.data_dir, progress, desc="tuning")
