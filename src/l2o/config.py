@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 
@@ -12,3 +14,46 @@ def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown {what} config key(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
+def check_field_types(obj: Any, what: str) -> None:
+    """Raise ``ValueError`` naming the first field of dataclass ``obj`` whose value does not match its
+    annotation: ``int`` (not bool), ``float`` (finite; ints accepted), ``bool``, ``str`` (non-empty)
+    and ``str | None``. Other annotations are left to the caller."""
+    import math
+
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if t == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif t == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        elif t == "bool":
+            ok = isinstance(v, bool)
+        elif t == "str":
+            ok = isinstance(v, str) and v != ""
+        elif t in ("str | None", "Optional[str]"):
+            ok = v is None or isinstance(v, str)
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{what} config: {f.name} = {v!r} has the wrong type (expected {t})")
+
+
+def read_config_file(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parse a TOML (or ``.json``) config file into a mapping; ``overrides`` that are not None
+    replace its values (command-line options over the file)."""
+    import json
+
+    path = Path(path)
+    if path.suffix == ".json":
+        d = json.loads(path.read_text())
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        d = tomllib.loads(path.read_text())
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return d

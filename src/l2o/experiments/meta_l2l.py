@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from l2o.config import check_field_types, read_config_file
 from l2o.policies.l2l_lstm import (
     NET_KEYS,
     Hidden,
@@ -81,20 +82,7 @@ class MetaL2LConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in ("task", "dtype"):
-                ok = isinstance(v, str) and v != ""
-            elif f.name == "data_dir":
-                ok = v is None or isinstance(v, str)
-            elif f.name == "second_order":
-                ok = isinstance(v, bool)
-            elif f.type == "int":
-                ok = isinstance(v, int) and not isinstance(v, bool)
-            else:  # floats accept ints
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok:
-                raise ValueError(f"l2l config: {f.name} = {v!r} has the wrong type (expected {f.type})")
+        check_field_types(self, "l2l")
         for name in ("horizon", "unroll", "episodes", "hidden_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"l2l config: {name} must be >= 1, got {getattr(self, name)}")
@@ -122,17 +110,7 @@ class MetaL2LConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> MetaL2LConfig:
         """Read a TOML (or JSON) config file; ``overrides`` that are not None replace its values."""
-        path = Path(path)
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            d = tomllib.loads(path.read_text())
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_file(path, overrides))
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -36,7 +36,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from l2o.config import check_keys
+from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.features.conv2017 import STATE_DIM
 from l2o.gps.badmm import (
     dual_step,
@@ -122,18 +122,7 @@ class ConvGPSConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "task":
-                ok = isinstance(v, str) and v != ""
-            elif f.name == "data_dir":
-                ok = v is None or isinstance(v, str)
-            elif f.type == "int":
-                ok = isinstance(v, int) and not isinstance(v, bool)
-            else:
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok:
-                raise ValueError(f"conv-GPS config: {f.name} = {v!r} has the wrong type (expected {f.type})")
+        check_field_types(self, "conv-GPS")
         for name in ("horizon", "samples", "coords_per_group", "eval_seeds", "eval_every", "curvature_every",
                      "threads", "pi_batch"):
             if getattr(self, name) < 1:
@@ -161,17 +150,7 @@ class ConvGPSConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> ConvGPSConfig:
         """A TOML (or JSON) file; ``overrides`` that are not None replace its values."""
-        path = Path(path)
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            d = tomllib.loads(path.read_text())
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_file(path, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
