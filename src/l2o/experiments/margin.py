@@ -7,8 +7,8 @@ iterations 1..T). Reported per baseline: the mean margin over tasks with a 95% S
 across tasks, and wins/losses (tasks where the margin is > 0 / < 0). A task where either optimizer
 diverged on some seed is counted separately and left out of the mean.
 
-Run: ``python -m l2o.experiments.margin BENCH_DIR --learned SPEC_PREFIX [--figure PATH]``; the
-figure shows the objective vs iteration averaged over all test objectives and seeds.
+Run: ``python -m l2o.experiments.margin BENCH_DIR --learned SPEC_PREFIX [--tasks …] [--seeds …]
+[--horizon H] [--figure PATH]``; the figure shows the objective vs iteration averaged over all test objectives and seeds.
 """
 
 from __future__ import annotations
@@ -163,8 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title")
     p.add_argument("--horizon", type=int, action="append",
                    help="also report the margins over the first H iterations (repeatable)")
+    p.add_argument("--tasks", nargs="+", help="only these tasks (ranges like logreg/test/0-29 expand)")
+    p.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
     a = p.parse_args(argv)
     runs = load_runs(a.bench)
+    if a.tasks:
+        from l2o.tasks.registry import expand_task_specs
+
+        keep = set(expand_task_specs(a.tasks))
+        runs = [r for r in runs if r.task in keep]
+    if a.seeds:
+        runs = [r for r in runs if r.seed in set(a.seeds)]
+    print(f"{len(runs)} runs, {len({r.task for r in runs})} tasks, {len({r.optimizer for r in runs})} optimizers")
     for h in [None, *(a.horizon or [])]:
         n_it = len(runs[0].true_loss) - 1 if h is None else h
         print(f"\n### Over iterations 1..{n_it}\n")
