@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,20 @@ def test_margins_against_hand_computed() -> None:
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
     assert m.baseline == "sgd:lr=1" and m.n == 3 and m.excluded == 1 and (m.wins, m.losses) == (2, 1)
     assert m.mean == pytest.approx(mean) and m.ci95 == pytest.approx(4.302652729911275 * sd / math.sqrt(3))
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "src/l2o/optim/weights").glob("lto2016-*.safetensors"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_2016_policy_descends_on_a_held_out_objective(path) -> None:
+    """A shipped policy (written by scripts/lto2016.sh) is a verified checkpoint of its family's
+    dimension, with provenance, and lowers the objective of a held-out test problem over its
+    training horizon (T = 40)."""
+    _, history, meta = load_policy(path)
+    family = meta["family"]
+    assert path.stem == f"lto2016-{family}" and history == 25 and meta["gps_iterations"] >= 1
+    task = make_task(f"{family}/test/3")
+    res = run_optimizer(task, parse_optimizer(f"lto2016:checkpoint={path}"), seed=0, iterations=40)
+    assert not res.diverged
+    assert res.true_loss[-1] < 0.9 * res.true_loss[0]

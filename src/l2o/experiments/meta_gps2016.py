@@ -11,9 +11,9 @@ of :class:`~l2o.policies.mlp2016.MLPPolicy2016`, and runs GPS in one of two mode
   consecutive iterations on the same condition. The training objectives are i.i.d. draws, so
   the first C are as good a sample as any C.
 * ``conditions = 0`` (the earlier pooled mode, :class:`~l2o.gps.trainer.GPSTrainer`): one ψ over
-  trajectories whose objective is drawn from all ``train_objectives``. It fails on logistic
-  regression (docs/RESULTS.md, the 2016 section): gradient size and curvature are correlated across objectives,
-  so one pooled linear-Gaussian model over-predicts the improvement.
+  trajectories whose objective is drawn from all ``train_objectives``. Not used for the shipped
+  policies: gradient size and curvature are correlated across objectives, so one pooled
+  linear-Gaussian model over-predicts the improvement (seen in an early logistic-regression trial).
 
 ψ starts as gradient descent (gps.md §2 CHOICE: K_t selects −lr × the current gradient block of
 the state) with exploration noise, so the first samples are sane runs, not random walks. After
