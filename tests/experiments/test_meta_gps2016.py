@@ -142,3 +142,21 @@ def test_shipped_2016_policy_descends_on_a_held_out_objective(path) -> None:
     res = run_optimizer(task, parse_optimizer(f"lto2016:checkpoint={path}"), seed=0, iterations=40)
     assert not res.diverged
     assert res.true_loss[-1] < 0.9 * res.true_loss[0]
+
+
+def test_packaged_policy_by_family_and_clear_errors() -> None:
+    from l2o.optim.lto2016 import packaged_policy
+
+    for path in SHIPPED:
+        family = path.stem.removeprefix("lto2016-")
+        assert packaged_policy(family) == path
+        opt = parse_optimizer(f"lto2016:family={family}").build([torch.zeros(task_dim(family), requires_grad=True)])
+        assert opt.meta["family"] == family
+    with pytest.raises(ValueError, match="no packaged 2016 policy for family 'nope'"):
+        parse_optimizer("lto2016:family=nope").build([torch.zeros(4, requires_grad=True)])
+    with pytest.raises(ValueError, match="exactly one"):
+        parse_optimizer("lto2016:family=logreg,checkpoint=x").build([torch.zeros(4, requires_grad=True)])
+
+
+def task_dim(family: str) -> int:
+    return make_task(f"{family}/test/0").dim

@@ -7,7 +7,9 @@ trained on (the 2016 method is not coordinate-wise), so the parameters must have
 coordinates in total.
 
 Registered with the benchmark harness as ``lto2016:checkpoint=PATH`` (a ``policy.safetensors``
-written by ``l2o meta-train gps2016``); there is no packaged default.
+written by ``l2o meta-train gps2016``) or ``lto2016:family=NAME`` for the policy meta-trained here
+on that 2016 family and shipped in the package (``l2o/optim/weights/lto2016-NAME.safetensors``,
+written by ``scripts/lto2016.sh NAME``). There is no default: a policy fits one family's dimension.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ from l2o.features.history2016 import HistoryTracker, feature_dim
 from l2o.policies.mlp2016 import MLPPolicy2016
 
 CHECKPOINT_KIND = "lto2016-policy"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def packaged_policy(family: str) -> Path:
+    """The shipped policy for a 2016 family; a clear error naming the ones that exist."""
+    path = WEIGHTS_DIR / f"lto2016-{family}.safetensors"
+    if not path.exists():
+        have = sorted(p.stem.removeprefix("lto2016-") for p in WEIGHTS_DIR.glob("lto2016-*.safetensors"))
+        raise ValueError(f"no packaged 2016 policy for family {family!r}; packaged: {have or 'none'}")
+    return path
 
 
 def save_policy(path: str | os.PathLike, policy: MLPPolicy2016, history: int, meta: dict[str, Any]) -> Path:
@@ -88,11 +100,14 @@ class LearnedOptimizer2016(torch.optim.Optimizer):
 
 
 def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
-    path = hp.get("checkpoint")
-    if path in (None, "", "none"):
-        raise ValueError("lto2016 needs a trained policy: lto2016:checkpoint=PATH "
-                         "(the policy.safetensors written by `l2o meta-train gps2016`)")
-    return LearnedOptimizer2016(params, checkpoint=str(path))
+    path, family = hp.get("checkpoint"), hp.get("family")
+    given = [k for k, v in (("checkpoint", path), ("family", family)) if v not in (None, "", "none")]
+    if len(given) != 1:
+        raise ValueError("lto2016 needs exactly one trained policy: lto2016:checkpoint=PATH (the policy.safetensors "
+                         "written by `l2o meta-train gps2016`) or lto2016:family=NAME (a packaged one)"
+                         + (f"; got both {given}" if given else ""))
+    return LearnedOptimizer2016(params, checkpoint=packaged_policy(str(family)) if family not in (None, "", "none") else str(path))
 
 
-register_optimizer(OptimizerEntry("lto2016", "LTO (2016, GPS)", _factory, defaults={"checkpoint": "none"}, learned=True))
+register_optimizer(OptimizerEntry("lto2016", "LTO (2016, GPS)", _factory, defaults={"checkpoint": "none", "family": "none"},
+                                  learned=True))
