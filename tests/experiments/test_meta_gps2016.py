@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from l2o.baselines.registry import get_optimizer, parse_optimizer
 from l2o.cli import main
 from l2o.experiments.meta_gps2016 import LTO2016Config, build_conditions
 from l2o.experiments.runner import run_optimizer
-from l2o.optim.lto2016 import load_policy
+from l2o.optim.lto2016 import WEIGHTS_DIR, load_policy, packaged_policy
 from l2o.tasks.registry import make_task
 
 TINY = """
@@ -127,7 +126,7 @@ def test_margins_against_hand_computed() -> None:
     assert m.mean == pytest.approx(mean) and m.ci95 == pytest.approx(4.302652729911275 * sd / math.sqrt(3))
 
 
-SHIPPED = sorted((Path(__file__).resolve().parents[2] / "src/l2o/optim/weights").glob("lto2016-*.safetensors"))
+SHIPPED = sorted(WEIGHTS_DIR.glob("lto2016-*.safetensors"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -145,18 +144,13 @@ def test_shipped_2016_policy_descends_on_a_held_out_objective(path) -> None:
 
 
 def test_packaged_policy_by_family_and_clear_errors() -> None:
-    from l2o.optim.lto2016 import packaged_policy
-
+    assert [p.stem for p in SHIPPED] == ["lto2016-logreg", "lto2016-robust-linreg", "lto2016-smallnet"]
     for path in SHIPPED:
         family = path.stem.removeprefix("lto2016-")
         assert packaged_policy(family) == path
-        opt = parse_optimizer(f"lto2016:family={family}").build([torch.zeros(task_dim(family), requires_grad=True)])
+        opt = parse_optimizer(f"lto2016:family={family}").build([torch.zeros(make_task(f"{family}/test/0").dim, requires_grad=True)])
         assert opt.meta["family"] == family
     with pytest.raises(ValueError, match="no packaged 2016 policy for family 'nope'"):
         parse_optimizer("lto2016:family=nope").build([torch.zeros(4, requires_grad=True)])
     with pytest.raises(ValueError, match="exactly one"):
         parse_optimizer("lto2016:family=logreg,checkpoint=x").build([torch.zeros(4, requires_grad=True)])
-
-
-def task_dim(family: str) -> int:
-    return make_task(f"{family}/test/0").dim

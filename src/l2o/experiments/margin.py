@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(expand_task_specs(a.tasks))
         runs = [r for r in runs if r.task in keep]
     if a.seeds:
-        runs = [r for r in runs if r.seed in set(a.seeds)]
+        seeds = set(a.seeds)
+        runs = [r for r in runs if r.seed in seeds]
     print(f"{len(runs)} runs, {len({r.task for r in runs})} tasks, {len({r.optimizer for r in runs})} optimizers")
     for h in [None, *(a.horizon or [])]:
         n_it = len(runs[0].true_loss) - 1 if h is None else h

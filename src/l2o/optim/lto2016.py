@@ -100,13 +100,13 @@ class LearnedOptimizer2016(torch.optim.Optimizer):
 
 
 def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
-    path, family = hp.get("checkpoint"), hp.get("family")
-    given = [k for k, v in (("checkpoint", path), ("family", family)) if v not in (None, "", "none")]
+    given = {k: str(hp[k]) for k in ("checkpoint", "family") if hp.get(k) not in (None, "", "none")}
     if len(given) != 1:
         raise ValueError("lto2016 needs exactly one trained policy: lto2016:checkpoint=PATH (the policy.safetensors "
                          "written by `l2o meta-train gps2016`) or lto2016:family=NAME (a packaged one)"
-                         + (f"; got both {given}" if given else ""))
-    return LearnedOptimizer2016(params, checkpoint=packaged_policy(str(family)) if family not in (None, "", "none") else str(path))
+                         + (f"; got both {sorted(given)}" if given else ""))
+    path = packaged_policy(given["family"]) if "family" in given else given["checkpoint"]
+    return LearnedOptimizer2016(params, checkpoint=path)
 
 
 register_optimizer(OptimizerEntry("lto2016", "LTO (2016, GPS)", _factory, defaults={"checkpoint": "none", "family": "none"},
