@@ -2,9 +2,17 @@
 
 Nothing executes on load (no pickle). A checkpoint is one ``.safetensors`` file whose header
 metadata holds ``l2o.meta`` (JSON: config, counters, RNG states, ...) and ``l2o.sha256``, a digest
-of every tensor's name, dtype, shape and bytes plus the metadata JSON. A truncated, corrupt or
-edited file fails with :class:`CheckpointError` naming the file and the problem. Writes go to a
+of every tensor's name, dtype, shape and bytes plus the metadata JSON. A truncated or corrupted
+file fails with :class:`CheckpointError` naming the file and the problem. Writes go to a
 temporary file renamed into place, so an interrupted save leaves the previous checkpoint intact.
+
+The digest is an unkeyed SHA-256: it detects accidents (bit rot, truncation, a careless edit),
+not deliberate tampering — anyone who edits a file can recompute it. Loading is nevertheless
+safe for untrusted files in the sense that nothing executes, and every loader validates the
+values it uses (weights finite and of the right shapes, metadata fields present, typed and in
+range), so an edited file is refused with a :class:`CheckpointError` rather than corrupting a
+run. To trust a checkpoint's *origin*, compare its SHA-256 with a published one (the JSON beside
+each shipped policy records it).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ FORMAT = "l2o-checkpoint-v1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, tampered with, or of the wrong kind."""
+    """A checkpoint is missing, corrupt, holds invalid values, or is of the wrong kind."""
 
 
 def _digest(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
@@ -34,6 +42,17 @@ def _digest(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(meta_json.encode())
     return h.hexdigest()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in metadata")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} in metadata overflows to {v}")
+    return v
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], kind: str) -> Path:
@@ -76,7 +95,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> tuple[d
         raise CheckpointError(f"checkpoint {path} lacks l2o metadata (not an l2o checkpoint)")
     if _digest(tensors, header["l2o.meta"]) != header["l2o.sha256"]:
         raise CheckpointError(f"checkpoint {path} failed its integrity check (corrupt or modified)")
-    meta = json.loads(header["l2o.meta"])
+    try:
+        meta = json.loads(header["l2o.meta"], parse_constant=_reject_constant, parse_float=_finite_float)
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     if kind is not None and meta.get("kind") != kind:

@@ -253,22 +253,54 @@ def save_policy(path: str | os.PathLike, net: Mapping[str, Tensor], meta: Mappin
     return path
 
 
+MAX_OUTPUT_SCALE = 100.0
+"""Largest |output_scale| a checkpoint may carry (Andrychowicz et al. use 0.1)."""
+MAX_PREPROCESS_P = 50.0
+"""Largest preprocessing p a checkpoint may carry (ρ multiplies small gradients by e^p)."""
+
+
+def check_policy_meta(meta: Any, hidden_size: int, where: str) -> dict[str, Any]:
+    """The fields L2LBGDBGD needs from a checkpoint's metadata, validated: ``hidden_size`` (must
+    equal the weights' H), ``preprocess_p`` in (0, 50], ``output_scale`` finite, nonzero, |·| ≤ 100.
+    Anything missing, of the wrong type or out of range raises :class:`CheckpointError`."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: metadata must be a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("hidden_size", "preprocess_p", "output_scale") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: metadata lacks {', '.join(missing)}")
+    hs, p, scale = meta["hidden_size"], meta["preprocess_p"], meta["output_scale"]
+    if not isinstance(hs, int) or isinstance(hs, bool) or hs != hidden_size:
+        raise CheckpointError(f"{where}: metadata hidden_size {hs!r} does not match the weights' {hidden_size}")
+    for name, v in (("preprocess_p", p), ("output_scale", scale)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise CheckpointError(f"{where}: metadata {name} must be a finite number, got {v!r}")
+    if not 0 < p <= MAX_PREPROCESS_P:
+        raise CheckpointError(f"{where}: metadata preprocess_p must be in (0, {MAX_PREPROCESS_P:g}], got {p!r}")
+    if not 0 < abs(scale) <= MAX_OUTPUT_SCALE:
+        raise CheckpointError(f"{where}: metadata output_scale must be nonzero with |output_scale| <= "
+                              f"{MAX_OUTPUT_SCALE:g}, got {scale!r}")
+    return {**meta, "hidden_size": hs, "preprocess_p": float(p), "output_scale": float(scale)}
+
+
 def load_policy(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read φ and its metadata from a policy checkpoint, or from a training checkpoint."""
+    """Read φ and its metadata from a policy checkpoint, or from a training checkpoint; weights
+    and metadata are validated (:func:`check_policy_meta`), any problem is a :class:`CheckpointError`."""
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") == TRAIN_KIND:
         net = {k: tensors[f"net.{k}"] for k in NET_KEYS if f"net.{k}" in tensors}
-        cfg = meta["config"]
-        meta = {"hidden_size": cfg["hidden_size"], "preprocess_p": cfg["preprocess_p"], "output_scale": cfg["output_scale"]}
+        cfg = meta.get("config")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"checkpoint {path}: training checkpoint without a config object")
+        meta = {k: cfg[k] for k in ("hidden_size", "preprocess_p", "output_scale") if k in cfg}
     elif meta.get("kind") == POLICY_KIND:
         net = dict(tensors)
     else:
         raise CheckpointError(f"checkpoint {path} holds {meta.get('kind')!r}, expected {POLICY_KIND!r} or {TRAIN_KIND!r}")
     try:
-        check_net(net)
+        hidden = check_net(net)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
-    return net, meta
+    return net, check_policy_meta(meta, int(hidden), f"checkpoint {path}")
 
 
 def _save_state(path: Path, config: MetaL2LConfig, net: Mapping[str, Tensor], adam: torch.optim.Adam,

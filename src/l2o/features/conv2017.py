@@ -7,7 +7,7 @@ over the n coordinates and vectorised over time; no Python loop runs over coordi
 Average recent quantities (window of the last min(i+1, 3) values):
   x̄⁽ⁱ⁾ = mean_{j=max(i−2,0)}^{i} x⁽ʲ⁾, and likewise ḡ⁽ⁱ⁾ and f̄⁽ⁱ⁾.
 State features Φ_t (76 per coordinate), lagged at stride 5:
-  Φ1_i = (f̄⁽ᵗ⁻⁵ⁱ⁾ − f̄⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾⁾) / f̄⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾⁾,                              i = 0..24 (25)
+  Φ1_i = (f̄⁽ᵗ⁻⁵ⁱ⁾ − f̄⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾⁾) / d(f̄⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾⁾),                           i = 0..24 (25)
   Φ2_i = ḡ⁽ᵗ⁻⁵ⁱ⁾ / (|ḡ⁽ᵐᵃˣ⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾, ᵗ ᵐᵒᵈ ⁵⁾⁾| + 1),                            i = 0..25 (26)
   Φ3_i = |x̄⁽ᵐᵃˣ⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾, ᵗ ᵐᵒᵈ ⁵ ⁺ ⁵⁾⁾ − x̄⁽ᵐᵃˣ⁽ᵗ⁻⁵⁽ⁱ⁺²⁾, ᵗ ᵐᵒᵈ ⁵⁾⁾|
          / (|x̄⁽ᵗ⁻⁵ⁱ⁾ − x̄⁽ᵗ⁻⁵⁽ⁱ⁺¹⁾⁾| + 0.1),                                       i = 0..24 (25)
@@ -15,9 +15,14 @@ A term is the zero vector when it is undefined, i.e. when a time index it needs 
 Φ1_i and Φ3_i need t − 5(i+1) ≥ 0, Φ2_i needs t − 5i ≥ 0. (For Φ3 this also excludes the one
 case where the max() index t mod 5 + 5 would lie in the future, t < 5.)
 Observation features Ψ_t (3 per coordinate):
-  Ψ1 = (f̂⁽ᵗ⁾ − f̂⁽ᵗ⁻¹⁾) / f̂⁽ᵗ⁻¹⁾  (0 at t = 0)
+  Ψ1 = (f̂⁽ᵗ⁾ − f̂⁽ᵗ⁻¹⁾) / d(f̂⁽ᵗ⁻¹⁾)  (0 at t = 0)
   Ψ2 = ∇f̂⁽ᵗ⁾ / (|∇f̂⁽ᵐᵃˣ⁽ᵗ⁻¹,⁰⁾⁾| + 1)
   Ψ3 = |x⁽ᵐᵃˣ⁽ᵗ⁻¹,¹⁾⁾ − x⁽ᵐᵃˣ⁽ᵗ⁻²,⁰⁾⁾| / (|x⁽ᵗ⁾ − x⁽ᵗ⁻¹⁾| + 0.1)  (0 at t = 0)
+The paper divides by the previous objective value itself; here the denominator is
+d(f) = max(|f|, δ) with δ = ``LOSS_FLOOR`` = 1e-8, so a loss of exactly 0 (a hinge loss, or
+cross-entropy underflowing) or a negative loss gives a finite feature whose sign still says
+whether the objective went down. For f ≥ δ (every objective the shipped policies were trained
+on) d(f) = f and the features are bit for bit the paper's.
 The state s_t of a coordinate is (x_t, Φ_t): ``STATE_DIM`` = 77 (see /shared/design/gps.md §1).
 """
 
@@ -31,6 +36,13 @@ PHI_DIM = N_OBJ + N_GRAD + N_STEP  # 76
 STATE_DIM = PHI_DIM + 1  # the iterate's coordinate, then Φ
 PSI_DIM = 3
 STRIDE = 5
+LOSS_FLOOR = 1e-8
+"""δ of the loss-change denominator d(f) = max(|f|, δ) (see the module docstring)."""
+
+
+def loss_denominator(f: Tensor) -> Tensor:
+    """d(f) = max(|f|, δ): equals f for f ≥ δ; finite and positive for f ≤ 0."""
+    return f.abs().clamp(min=LOSS_FLOOR)
 
 
 def average_recent(h: Tensor) -> Tensor:
@@ -64,7 +76,7 @@ def state_features(xs: Tensor, gs: Tensor, fs: Tensor, times: Tensor | None = No
     a, b = tc - STRIDE * i, tc - STRIDE * (i + 1)
     ok = b >= 0
     fa, fbb = fb[a.clamp(min=0)], fb[b.clamp(min=0)]
-    phi1 = torch.where(ok, (fa - fbb) / torch.where(ok, fbb, torch.ones_like(fbb)), torch.zeros_like(fa))
+    phi1 = torch.where(ok, (fa - fbb) / torch.where(ok, loss_denominator(fbb), torch.ones_like(fbb)), torch.zeros_like(fa))
     phi1 = phi1.unsqueeze(1).expand(-1, xs.shape[1], -1)
 
     i = torch.arange(N_GRAD).view(1, -1)
@@ -98,7 +110,7 @@ def observation_features(xs: Tensor, gs: Tensor, fs: Tensor) -> Tensor:
     T1, n = xs.shape
     t = torch.arange(T1)
     prev = (t - 1).clamp(min=0)
-    rel = torch.where(t > 0, (fs - fs[prev]) / torch.where(t > 0, fs[prev], torch.ones_like(fs)), torch.zeros_like(fs))
+    rel = torch.where(t > 0, (fs - fs[prev]) / torch.where(t > 0, loss_denominator(fs[prev]), torch.ones_like(fs)), torch.zeros_like(fs))
     psi2 = gs / (gs[prev].abs() + 1.0)
     num = (xs[(t - 1).clamp(min=1).clamp(max=T1 - 1)] - xs[(t - 2).clamp(min=0)]).abs()
     psi3 = num / ((xs - xs[prev]).abs() + 0.1)
@@ -116,7 +128,7 @@ def observation_step(f: Tensor, f_prev: Tensor | None, g: Tensor, g_prev: Tensor
     """
     if f_prev is None or x_prev is None or g_prev is None:  # t = 0
         return torch.stack([torch.zeros_like(g), g / (g.abs() + 1.0), torch.zeros_like(g)], dim=-1)
-    rel = ((f - f_prev) / f_prev).expand_as(g)
+    rel = ((f - f_prev) / loss_denominator(f_prev)).expand_as(g)
     psi2 = g / (g_prev.abs() + 1.0)
     num = (x - x_prev).abs() if x_prev2 is None else (x_prev - x_prev2).abs()
     return torch.stack([rel, psi2, num / ((x - x_prev).abs() + 0.1)], dim=-1)

@@ -57,28 +57,42 @@ class L2LBGDBGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One LSTM step for every parameter with a gradient; ``closure`` (optional) recomputes the
-        loss and fills ``.grad`` (torch convention) and its value is returned."""
+        loss and fills ``.grad`` (torch convention) and its value is returned.
+
+        The loss's value is not used (any finite value, 0 or negative included, is fine). A NaN/inf
+        loss, gradient or step raises ``FloatingPointError`` before any parameter or state changes.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
+            if loss is not None:
+                f = loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(float(loss))
+                if not torch.isfinite(f).all():
+                    raise FloatingPointError(f"L2LBGDBGD: the loss is {f.tolist()}")
+        # Every step is computed and checked before anything moves.
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("L2LBGDBGD does not support sparse gradients")
+                where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                if not torch.isfinite(p.grad).all():
+                    raise FloatingPointError(f"L2LBGDBGD: the gradient of {where} has NaN/inf entries")
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    for k, t in zip(_HIDDEN_KEYS, init_hidden(p.numel(), self.hidden_size, p.dtype, p.device)):
-                        state[k] = t
-                hidden = Hidden(*(state[k] for k in _HIDDEN_KEYS))
+                hidden = (Hidden(*(state[k] for k in _HIDDEN_KEYS)) if state else
+                          Hidden(*init_hidden(p.numel(), self.hidden_size, p.dtype, p.device)))
                 update, hidden = step(self._net_for(p), hidden, p.grad, p=self.p, output_scale=self.output_scale)
-                p.add_(update)
-                for k, t in zip(_HIDDEN_KEYS, hidden):
-                    state[k] = t
-                state["step"] += 1
+                if not torch.isfinite(update).all():
+                    raise FloatingPointError(f"L2LBGDBGD: the step for {where} is not finite")
+                work.append((p, state, update, hidden))
+        for p, state, update, hidden in work:
+            p.add_(update)
+            for k, t in zip(_HIDDEN_KEYS, hidden):
+                state[k] = t
+            state["step"] = state.get("step", 0) + 1
         return loss
 
 

@@ -14,6 +14,7 @@ written by ``scripts/lto2016.sh NAME``). There is no default: a policy fits one 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from l2o.baselines.registry import OptimizerEntry, register_optimizer
-from l2o.checkpoint import load_checkpoint, save_checkpoint
+from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2o.features.history2016 import HistoryTracker, feature_dim
 from l2o.policies.mlp2016 import MLPPolicy2016
 
@@ -47,16 +48,48 @@ def save_policy(path: str | os.PathLike, policy: MLPPolicy2016, history: int, me
         "history": history, **meta}, CHECKPOINT_KIND)
 
 
+_META_INTS = ("obs_dim", "action_dim", "hidden", "history")
+MAX_DIM = 10_000_000
+"""Largest dimension a checkpoint's metadata may declare (the policy is built before its weights load)."""
+
+
 def load_policy(path: str | os.PathLike) -> tuple[MLPPolicy2016, int, dict[str, Any]]:
-    """(policy, history H, metadata) from a checkpoint written by :func:`save_policy`."""
+    """(policy, history H, metadata) from a checkpoint written by :func:`save_policy`.
+
+    Metadata fields and weights are validated (positive integer dimensions consistent with the
+    history features, weights of the declared shapes and finite); any problem is a
+    :class:`CheckpointError` naming the file and the field."""
     tensors, meta = load_checkpoint(path, CHECKPOINT_KIND)
+    missing = [k for k in _META_INTS if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: metadata lacks {', '.join(missing)}")
+    for k in _META_INTS:
+        v = meta[k]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_DIM:
+            raise CheckpointError(f"checkpoint {path}: metadata {k} must be an integer in [1, {MAX_DIM}], got {v!r}")
+    if feature_dim(meta["action_dim"], meta["history"]) != meta["obs_dim"]:
+        raise CheckpointError(f"checkpoint {path}: metadata obs_dim {meta['obs_dim']} does not match action_dim "
+                              f"{meta['action_dim']} and history {meta['history']}")
+    shapes = {"fc1.weight": (meta["hidden"], meta["obs_dim"]), "fc1.bias": (meta["hidden"],),
+              "fc2.weight": (meta["action_dim"], meta["hidden"]), "fc2.bias": (meta["action_dim"],)}
+    if set(tensors) != set(shapes):
+        raise CheckpointError(f"checkpoint {path}: weights {sorted(tensors)}, expected {sorted(shapes)}")
+    for k, shape in shapes.items():
+        if tuple(tensors[k].shape) != shape:
+            raise CheckpointError(f"checkpoint {path}: weight {k} has shape {tuple(tensors[k].shape)}, expected {shape}")
+        if not torch.isfinite(tensors[k]).all():
+            raise CheckpointError(f"checkpoint {path}: weight {k} has non-finite (NaN/inf) entries")
     policy = MLPPolicy2016(meta["obs_dim"], meta["action_dim"], meta["hidden"])
     policy.load_state_dict({k: v.clone() for k, v in tensors.items()})
     return policy, int(meta["history"]), meta
 
 
 class LearnedOptimizer2016(torch.optim.Optimizer):
-    """Steps by a trained 2016 policy π (see the module docstring)."""
+    """Steps by a trained 2016 policy π (see the module docstring).
+
+    Any finite objective value is legitimate (0 and negative included: the features use only
+    differences of values). A NaN/inf objective, gradient or step raises ``FloatingPointError``
+    before any parameter or history changes."""
 
     def __init__(self, params: Iterable[Tensor], checkpoint: str | os.PathLike) -> None:
         super().__init__(params, {})
@@ -75,12 +108,18 @@ class LearnedOptimizer2016(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = closure()
         f = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-        if not torch.isfinite(torch.tensor(f)):
-            raise FloatingPointError(f"objective is {f}")
+        if not math.isfinite(f):
+            raise FloatingPointError(f"LearnedOptimizer2016: the objective is {f}")
         x = torch.cat([p.detach().reshape(-1) for p in self._params]).to(torch.float64)
         g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self._params]).to(torch.float64)
+        if not torch.isfinite(g).all():
+            raise FloatingPointError("LearnedOptimizer2016: the gradient has NaN/inf entries")
+        saved = {k: v.clone() for k, v in self.tracker.state_dict().items()}
         obs = self.tracker.update(x, g, f)
         dx = self.policy(obs.unsqueeze(0))[0]
+        if not torch.isfinite(dx).all():
+            self.tracker.load_state_dict(saved)  # as if this step had not been taken
+            raise FloatingPointError("LearnedOptimizer2016: the policy's step is not finite")
         i = 0
         for p in self._params:
             p.add_(dx[i:i + p.numel()].view_as(p).to(p.dtype))

@@ -51,8 +51,10 @@ class PredictedStepDescent(torch.optim.Optimizer):
 
     Ψ needs the mini-batch loss, so :meth:`step` needs either a ``closure`` (torch convention: it
     zeroes and refills the gradients and returns the loss) or, with gradients already filled,
-    ``step(loss=...)``. A NaN/inf loss, gradient or observation raises ``FloatingPointError``
-    before any parameter moves (the benchmark harness records that run as diverged).
+    ``step(loss=...)``. Any finite loss is legitimate, including exactly 0 and negative values
+    (Ψ's loss change divides by max(|f̂⁽ᵗ⁻¹⁾|, δ), see :mod:`l2o.features.conv2017`). A NaN/inf
+    loss, gradient or observation raises ``FloatingPointError`` before any parameter moves (the
+    benchmark harness records that run as diverged).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -125,7 +127,7 @@ class PredictedStepDescent(torch.optim.Optimizer):
                     raise FloatingPointError(
                         f"PredictedStepDescent: the observation Ψ of {where} is not finite "
                         f"(previous mini-batch loss {float(state['f_prev']) if 'f_prev' in state else None}, "
-                        f"current {f_value}: Ψ divides by the previous loss)")
+                        f"current {f_value})")
                 work.append((p, where, state, x, g, ft, obs))
 
         for p, where, state, x, g, ft, obs in work:

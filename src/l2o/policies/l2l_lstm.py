@@ -82,7 +82,7 @@ def init_net(seed: int = 0, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype =
 
 
 def check_net(net: Mapping[str, Tensor]) -> int:
-    """Validate φ's names and shapes; return the hidden size H."""
+    """Validate φ's names, shapes and values (all finite); return the hidden size H."""
     missing = set(NET_KEYS) - set(net)
     extra = set(net) - set(NET_KEYS)
     if missing or extra:
@@ -93,6 +93,8 @@ def check_net(net: Mapping[str, Tensor]) -> int:
     for name, shape in expected.items():
         if tuple(net[name].shape) != shape:
             raise ValueError(f"LSTM optimizer weight {name!r} has shape {tuple(net[name].shape)}, expected {shape}")
+        if not torch.isfinite(net[name]).all():
+            raise ValueError(f"LSTM optimizer weight {name!r} has non-finite (NaN/inf) entries")
     return H
 
 
