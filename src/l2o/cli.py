@@ -190,7 +190,15 @@ def _meta_train_gps2016(args: argparse.Namespace) -> int:
     return 0
 
 
-META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd, "gps2016": _meta_train_gps2016}
+def _meta_train_mlp_lopt(args: argparse.Namespace) -> int:
+    """Meta-train the per-coordinate MLP optimizer with Persistent ES (l2o.outer)."""
+    from l2o.outer.meta_mlp_lopt import cli_run
+
+    return cli_run(args)
+
+
+META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd, "gps2016": _meta_train_gps2016,
+                 "mlp-lopt": _meta_train_mlp_lopt}
 """``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
 
 
@@ -266,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable; checkpoint after every episode)")
     mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD); psd: Predicted Step Descent (Convolutional GPS); "
-                    "gps2016: Learning to Optimize (Li & Malik 2016) with GPS")
+                    "gps2016: Learning to Optimize (Li & Malik 2016) with GPS; mlp-lopt: per-coordinate MLP by Persistent ES")
     mt.add_argument("--config", help="TOML/JSON file with the method's config fields, e.g. configs/l2l.toml")
     mt.add_argument("--out", help="output folder (default runs/meta-train-METHOD)")
     mt.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     mt.add_argument("--episodes", type=int, help="l2l: override the config's number of episodes")
-    mt.add_argument("--iterations", type=int, help="psd, gps2016: override the config's number of GPS iterations")
+    mt.add_argument("--iterations", type=int, help="psd, gps2016: override the config's number of GPS iterations; mlp-lopt: of PES outer steps")
     mt.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR)")
     mt.add_argument("--quiet", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)

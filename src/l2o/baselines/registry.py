@@ -135,7 +135,7 @@ def optimizer_names(learned: bool | None = None) -> list[str]:
     return [n for n, e in _REGISTRY.items() if learned is None or e.learned == learned]
 
 
-_PLUGINS: tuple[str, ...] = ("l2o.optim.l2l", "l2o.optim.psd", "l2o.optim.lto2016")  # modules that register learned optimizers when imported
+_PLUGINS: tuple[str, ...] = ("l2o.optim.l2l", "l2o.optim.psd", "l2o.optim.lto2016", "l2o.learned.mlp_lopt")  # modules that register learned optimizers when imported
 _plugins_loaded = False
 
 

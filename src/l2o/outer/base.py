@@ -1,0 +1,158 @@
+"""The outer-trainer interface: meta-parameters θ, an inner problem (the task distribution and the
+meta-objective), a budget of outer steps, a checkpoint after every step and exact resume.
+
+An :class:`InnerProblem` is a distribution over inner runs (optimizee instances) of a policy with
+parameters θ ∈ R^D. Its state holds a batch of runs with leading dimensions ``[2, N]`` (the two
+antithetic branches of N particles); :meth:`InnerProblem.step` advances every run by one inner step
+with its own θ (one batched computation) and returns each run's loss at that step. The
+meta-objective is the mean of those losses over the inner run (for an optimizer: the mean
+mini-batch objective f̂(x_t) over its trajectory, an unbiased estimate of the paper's mean true
+objective).
+
+An :class:`OuterTrainer` owns θ and everything needed to continue (outer optimiser state, RNG
+states, inner runs in flight); :func:`run_outer` drives it for a budget of outer steps, writing
+``checkpoint.safetensors`` (through :mod:`l2o.checkpoint`) every ``checkpoint_every`` steps and one
+``log.jsonl`` line per outer step; with ``resume=True`` it continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+State = dict[str, Tensor]
+CHECKPOINT_NAME = "checkpoint.safetensors"
+LOG_NAME = "log.jsonl"
+
+
+class InnerProblem(Protocol):
+    """A task distribution + meta-objective for a policy with flat parameters θ ∈ R^D."""
+
+    dim: int
+
+    def init_runs(self, n: int, gen: torch.Generator) -> State:
+        """Fresh inner runs for n particles: tensors with leading dimension n."""
+
+    def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
+        """One inner step of every run. ``theta`` [2, N, D], ``state`` tensors [2, N, ...], ``t`` [N]
+        (0-based step index of each particle's run). Randomness (mini-batches) is drawn once per
+        particle and shared by its two branches. Returns (loss at this step [2, N], new state)."""
+
+
+class OuterTrainer(abc.ABC):
+    """θ plus everything needed to continue meta-training; one :meth:`step` = one update of θ."""
+
+    kind: str = "l2o-outer"
+
+    @property
+    @abc.abstractmethod
+    def theta(self) -> Tensor:
+        """The current flat meta-parameters θ [D]."""
+
+    @abc.abstractmethod
+    def step(self) -> dict[str, Any]:
+        """One outer step; returns a JSON-serialisable log record."""
+
+    @abc.abstractmethod
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything needed for exact resume, as named tensors."""
+
+    @abc.abstractmethod
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`state_tensors`' output."""
+
+
+@dataclass
+class OuterRunResult:
+    """What :func:`run_outer` leaves."""
+
+    theta: Tensor
+    steps: int
+    log: list[dict[str, Any]]
+    checkpoint: Path
+    log_file: Path
+    wall_s: float
+
+
+def _read_log(path: Path, steps: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if len(lines) < steps:
+        raise CheckpointError(f"{path} holds {len(lines)} records but the checkpoint is at step {steps}")
+    return lines[:steps]
+
+
+def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta: Mapping[str, Any],
+              resume: bool = False, checkpoint_every: int = 1, stop_after: int | None = None,
+              progress: bool = True, desc: str = "meta-train",
+              on_checkpoint: Callable[[OuterTrainer, int, list[dict[str, Any]], float], None] | None = None,
+              resume_check: Callable[[Mapping[str, Any]], None] | None = None) -> OuterRunResult:
+    """Run ``trainer`` until it has taken ``steps`` outer steps, checkpointing into ``out``.
+
+    ``meta`` (JSON) is stored in the checkpoint; on resume ``resume_check(saved_meta)`` may reject a
+    changed configuration. The checkpoint is written every ``checkpoint_every`` steps and at the
+    end; ``log.jsonl`` is rewritten to match it, so a resumed run's log equals an uninterrupted
+    one's. ``stop_after`` ends the call after that many total steps (simulates an interruption).
+    ``on_checkpoint(trainer, step, log, wall_s)`` runs after every checkpoint (e.g. exports θ).
+    """
+    out = Path(out)
+    ckpt, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
+    if ckpt.exists() and not resume:
+        raise ValueError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output folder")
+    if resume and not ckpt.exists():
+        raise CheckpointError(f"cannot resume: checkpoint {ckpt} not found")
+    done, wall = 0, 0.0
+    if resume:
+        tensors, saved = load_checkpoint(ckpt, kind=trainer.kind)
+        if resume_check is not None:
+            resume_check(saved)
+        trainer.load_state_tensors(tensors)
+        done, wall = int(saved["step"]), float(saved["wall_s"])
+        if done > steps:
+            raise ValueError(f"cannot resume {ckpt}: it already holds {done} steps > the budget of {steps}")
+    log = _read_log(log_path, done)
+    out.mkdir(parents=True, exist_ok=True)
+    target = steps if stop_after is None else min(steps, stop_after)
+
+    def save(n: int) -> None:
+        save_checkpoint(ckpt, trainer.state_tensors(), {**meta, "step": n, "wall_s": wall}, kind=trainer.kind)
+        tmp = log_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
+        os.replace(tmp, log_path)
+        if on_checkpoint is not None:
+            on_checkpoint(trainer, n, log, wall)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=done, desc=desc, unit="step", disable=not progress)
+    try:
+        n = done
+        while n < target:
+            t0 = time.perf_counter()
+            record = trainer.step()
+            dt = time.perf_counter() - t0
+            wall += dt
+            n += 1
+            log.append({"step": n, **record, "wall_s": round(dt, 5)})
+            bar.update()
+            if "meta_loss" in record and record["meta_loss"] is not None:
+                bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
+            if n % checkpoint_every == 0 or n == target:
+                save(n)
+        if n == done and not ckpt.exists():
+            save(n)
+    finally:
+        bar.close()
+    return OuterRunResult(trainer.theta.detach().clone(), len(log), log, ckpt, log_path, wall)

@@ -1,0 +1,80 @@
+"""The inner problem of meta-training ``mlp-lopt``: the learned optimizer with parameters θ run on
+instances of an MLP task (:mod:`l2o.tasks`), all population members and task instances at once.
+
+A run is one optimizee trajectory: x₀ = ``task.init_params(seed)`` (seeds ≥ 10⁶, disjoint from the
+evaluation seeds 0–4 and the tuning seeds 1000–1002), then x_{t+1} = x_t + Δx(θ; ∇f̂_{B_t}(x_t)) with
+:func:`l2o.learned.mlp_lopt.policy_step` per coordinate group (per parameter tensor, as
+:class:`~l2o.learned.mlp_lopt.MLPLOpt` does). The loss at step t is f̂_{B_t}(x_t), the mini-batch
+objective at the iterate on the batch its gradient uses — an unbiased estimate of f(x_t), so the
+meta-objective (mean over the run) estimates the paper's mean true objective (the AUC).
+
+Mini-batches are drawn with replacement (``torch.randint``; B ≪ 60,000 makes this close to the
+harness's without-replacement batches) and shared by the two antithetic branches of a particle.
+One step = one ``vmap``-ed forward/backward of all 2N optimizees
+(:func:`l2o.tasks.base.batched_value_and_grad`) and one ``vmap``-ed policy step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from l2o.learned.mlp_lopt import STATE_KEYS, MLPLOptArch, flat_to_theta, policy_step
+from l2o.outer.base import State
+from l2o.tasks.base import Task, batched_value_and_grad, flatten
+
+SEED_BASE = 1_000_000
+"""Optimizee x₀ seeds used in meta-training are drawn from [SEED_BASE, 2³¹)."""
+
+
+class MLPLOptProblem:
+    """Runs of ``mlp-lopt`` with θ [D] on ``task`` (any :class:`Task` whose loss vmaps)."""
+
+    def __init__(self, task: Task, arch: MLPLOptArch, dtype: torch.dtype = torch.float32) -> None:
+        if task.batch_size is None:
+            raise ValueError("mlp-lopt meta-training needs a mini-batch task (bfull is not supported)")
+        self.task, self.arch, self.dtype = task, arch, dtype
+        self.dim = arch.dim
+        self.n = task.dim
+        bounds, i = [], 0
+        for g in task.groups:
+            bounds.append((g.name, g.shape, i, i + g.numel))
+            i += g.numel
+        self.bounds = bounds
+        self._vstep = torch.func.vmap(self._member_step)
+
+    def init_runs(self, n: int, gen: torch.Generator) -> State:
+        seeds = torch.randint(SEED_BASE, 2**31 - 1, (n,), generator=gen)
+        x = torch.stack([flatten(self.task.init_params(int(s), self.dtype), self.task.groups) for s in seeds])
+        state: State = {"x": x}
+        for k in STATE_KEYS:
+            state[k] = torch.zeros_like(x)
+        return state
+
+    def _member_step(self, theta_flat: Tensor, st: dict[str, Tensor], grads: dict[str, Tensor], t: Tensor
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+        theta = flat_to_theta(theta_flat, self.arch)
+        deltas, new_parts = [], {k: [] for k in STATE_KEYS}
+        for name, _shape, a, b in self.bounds:
+            old = {k: st[k][a:b] for k in STATE_KEYS}
+            d, new = policy_step(theta, old, grads[name].reshape(-1), t, self.arch)
+            deltas.append(d)
+            for k in STATE_KEYS:
+                new_parts[k].append(new[k])
+        return torch.cat(deltas), {k: torch.cat(v) for k, v in new_parts.items()}
+
+    def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
+        two, N = theta.shape[0], theta.shape[1]
+        M = two * N
+        idx = torch.randint(0, self.task.num_examples, (N, self.task.batch_size), generator=gen)
+        idx = idx.unsqueeze(0).expand(two, -1, -1).reshape(M, -1)
+        x = state["x"].reshape(M, self.n)
+        params = {name: x[:, a:b].reshape(M, *shape) for name, shape, a, b in self.bounds}
+        loss, grads = batched_value_and_grad(self.task, params, idx)
+        tt = (t + 1).to(self.dtype).unsqueeze(0).expand(two, -1).reshape(M)
+        st = {k: state[k].reshape(M, self.n) for k in STATE_KEYS}
+        delta, new = self._vstep(theta.reshape(M, -1).to(self.dtype), st, grads, tt)
+        out: State = {"x": (x + delta).reshape(two, N, self.n)}
+        for k in STATE_KEYS:
+            out[k] = new[k].reshape(two, N, self.n)
+        return loss.reshape(two, N), out

@@ -1,0 +1,209 @@
+"""mlp-lopt: θ₀ is AdaGrad, the torch.optim front end's contract, checkpoints, registry and
+make_optimizer, and agreement of the vmapped policy with the front end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import l2o
+from l2o.baselines.registry import optimizer_names, parse_optimizer
+from l2o.checkpoint import CheckpointError
+from l2o.experiments.runner import run_optimizer
+from l2o.learned.mlp_lopt import (
+    DEFAULT_CHECKPOINT,
+    STATE_KEYS,
+    THETA_KEYS,
+    MLPLOpt,
+    MLPLOptArch,
+    flat_to_theta,
+    init_state,
+    init_theta,
+    load_policy,
+    policy_step,
+    save_policy,
+    theta_to_flat,
+)
+from tests.conftest import tiny_mlp_task
+
+
+def random_theta(arch: MLPLOptArch = MLPLOptArch(), seed: int = 1, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """A θ whose every part is active (non-zero MLP output, mixed directions, a schedule)."""
+    g = torch.Generator().manual_seed(seed)
+    th = init_theta(arch, seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in th.items()}
+
+
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(7, 5, generator=g, dtype=dtype).requires_grad_(), torch.randn(7, generator=g, dtype=dtype).requires_grad_(),
+            torch.randn(3, 7, generator=g, dtype=dtype).requires_grad_()]
+
+
+def _loss(ps: list[torch.Tensor], step: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 5, generator=g, dtype=ps[0].dtype)
+    y = torch.randint(0, 3, (16,), generator=g)
+    h = torch.tanh(x @ ps[0].T + ps[1])
+    return scale * torch.nn.functional.cross_entropy(h @ ps[2].T, y)
+
+
+def _run(opt: torch.optim.Optimizer, ps: list[torch.Tensor], steps: int, start: int = 0, scale: float = 1.0) -> None:
+    for t in range(start, start + steps):
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = _loss(ps, t, scale)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_initial_theta_reproduces_tuned_adagrad(dtype: torch.dtype, tol: float) -> None:
+    a, b = _model(dtype=dtype), _model(dtype=dtype)
+    _run(MLPLOpt(a, theta=init_theta()), a, 60)
+    _run(torch.optim.Adagrad(b, lr=0.1, eps=1e-10), b, 60)
+    moved = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a, _model(dtype=dtype)))
+    assert moved > 0.1  # the runs went somewhere
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+
+
+def test_a_different_theta_is_not_adagrad() -> None:
+    a, b = _model(), _model()
+    _run(MLPLOpt(a, theta=random_theta()), a, 20)
+    _run(torch.optim.Adagrad(b, lr=0.1, eps=1e-10), b, 20)
+    assert max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a, b)) > 1e-2
+
+
+def test_harness_run_of_theta0_matches_adagrad(tmp_path) -> None:
+    task = tiny_mlp_task()
+    path = save_policy(tmp_path / "t0.safetensors", init_theta(), MLPLOptArch())
+    r1 = run_optimizer(task, parse_optimizer(f"mlp-lopt:checkpoint={path}"), seed=3, iterations=30)
+    r2 = run_optimizer(task, parse_optimizer("adagrad:lr=0.1,eps=1e-10"), seed=3, iterations=30)
+    for u, v in zip(r1.true_loss, r2.true_loss):
+        assert math.isclose(u, v, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_state_dict_round_trip_is_exact() -> None:
+    th = random_theta()
+    a, b = _model(), _model()
+    oa = MLPLOpt(a, theta=th)
+    _run(oa, a, 7)
+    sd = oa.state_dict()
+    with torch.no_grad():
+        for p, q in zip(b, a):
+            p.copy_(q)
+    ob = MLPLOpt(b, theta=th)
+    ob.load_state_dict(sd)
+    _run(oa, a, 9, start=7)
+    _run(ob, b, 9, start=7)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert ob.state[b[0]]["step"] == 16 and set(STATE_KEYS) <= set(ob.state[b[0]])
+
+
+def test_nan_gradient_raises_before_any_parameter_moves() -> None:
+    ps = _model()
+    opt = MLPLOpt(ps, theta=random_theta())
+    _run(opt, ps, 3)
+    before = [p.detach().clone() for p in ps]
+    state_before = {k: opt.state[ps[0]][k].clone() for k in STATE_KEYS}
+    for bad in (float("nan"), float("inf")):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        ps[2].grad[0, 0] = bad
+        with pytest.raises(FloatingPointError):
+            opt.step()
+        for p, q in zip(ps, before):
+            assert torch.equal(p, q)
+        for k in STATE_KEYS:
+            assert torch.equal(opt.state[ps[0]][k], state_before[k])
+
+
+def test_parameters_without_grad_are_skipped_and_losses_may_be_zero_or_negative() -> None:
+    ps = _model()
+    opt = MLPLOpt(ps, theta=random_theta())
+    frozen = ps[1].detach().clone()
+    for value in (0.0, -5.0, 3.0):
+        opt.zero_grad(set_to_none=True)
+        loss = value + (ps[0] - ps[0].detach()).sum() + (ps[2] - ps[2].detach()).sum()  # value exactly, grads 1
+        loss.backward()
+        assert float(opt.step(lambda loss=loss: loss)) == value
+    assert torch.equal(ps[1], frozen) and ps[1] not in opt.state
+    assert opt.state[ps[0]]["step"] == 3
+
+
+def test_nearly_invariant_to_scaling_the_loss() -> None:
+    # Scaling f by c > 0 scales g by c; every feature is a ratio of g-statistics, so only the ε's
+    # (1e-10, 1e-8) break invariance: over four decades of scale the iterates agree to 1e-3 after
+    # 25 steps (SGD's would differ by the factor c itself).
+    th = random_theta()
+    runs = []
+    for scale in (0.1, 1.0, 1e3):  # p: c = 0.1, q: c = 1, r: c = 1000
+        ps = _model(dtype=torch.float64)
+        _run(MLPLOpt(ps, theta=th), ps, 25, scale=scale)
+        runs.append(ps)
+    for p, q, r in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(r, q, rtol=1e-3, atol=1e-3)
+
+
+def test_policy_step_under_vmap_equals_one_member_at_a_time() -> None:
+    arch = MLPLOptArch(hidden=8)
+    thetas = torch.stack([theta_to_flat(random_theta(arch, seed=s)) for s in range(3)])
+    g = torch.randn(3, 11)
+    st = {k: torch.rand(3, 11) for k in STATE_KEYS}
+    t = torch.tensor([1.0, 5.0, 300.0])
+    fn = torch.func.vmap(lambda th, s, gg, tt: policy_step(flat_to_theta(th, arch), s, gg, tt, arch))
+    d, new = fn(thetas, st, g, t)
+    for m in range(3):
+        dm, nm = policy_step(flat_to_theta(thetas[m], arch), {k: v[m] for k, v in st.items()}, g[m], t[m], arch)
+        torch.testing.assert_close(d[m], dm)
+        for k in STATE_KEYS:
+            torch.testing.assert_close(new[k][m], nm[k])
+
+
+def test_zero_gradient_coordinates_stay_finite() -> None:
+    arch = MLPLOptArch()
+    g = torch.zeros(5)
+    d, new = policy_step(random_theta(arch), init_state(g), g, torch.tensor(1.0), arch)
+    assert torch.isfinite(d).all()
+
+
+def test_policy_checkpoint_round_trip_and_corruption(tmp_path) -> None:
+    arch = MLPLOptArch(hidden=12, base_lr=0.05, mlp_scale=0.02)
+    th = random_theta(arch)
+    path = save_policy(tmp_path / "p.safetensors", th, arch, {"note": "test"})
+    th2, arch2, meta = load_policy(path)
+    assert arch2 == arch and meta["info"]["note"] == "test"
+    for k in THETA_KEYS:
+        assert torch.equal(th[k], th2[k])
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        load_policy(bad)
+    with pytest.raises(ValueError):
+        save_policy(tmp_path / "x.safetensors", random_theta(MLPLOptArch(hidden=4)), arch)
+    with pytest.raises(ValueError):
+        MLPLOptArch(hidden=64)
+
+
+def test_registry_packaged_weights_and_make_optimizer(tmp_path) -> None:
+    assert "mlp-lopt" in optimizer_names(learned=True)
+    assert DEFAULT_CHECKPOINT.is_file()
+    m = torch.nn.Linear(4, 3)
+    opt = l2o.make_optimizer("mlp-lopt", m.parameters())
+    assert isinstance(opt, MLPLOpt) and opt.checkpoint == str(DEFAULT_CHECKPOINT)
+    path = save_policy(tmp_path / "p.safetensors", random_theta(), MLPLOptArch())
+    assert l2o.make_optimizer(f"mlp-lopt:checkpoint={path}", m.parameters()).checkpoint == str(path)
+    adam = l2o.make_optimizer("adam:lr=0.01", m.parameters())
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 0.01
+    ada = l2o.make_optimizer("adagrad", m.parameters())  # bare name: the tuned settings
+    assert isinstance(ada, torch.optim.Adagrad) and ada.defaults["lr"] == 0.1
+    with pytest.raises(ValueError):
+        l2o.make_optimizer("no-such-optimizer", m.parameters())
