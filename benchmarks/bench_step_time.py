@@ -3,9 +3,17 @@
 Times ``closure + optimizer.step`` (one mini-batch; the true-objective evaluation the harness adds
 is excluded) for every registered optimizer with its tuned hyperparameters, and prints the ratio to
 Adam on the same task, parameters and batches. Ratios, not seconds, are the result: they transfer
-between machines. Usage:
+between machines.
+
+A second table (``--learned``, default ``mlp-lopt``) times learned optimizers against Adam on two
+nets of the paper's kind at batch 64 on synthetic N(0, 1) inputs (no dataset needed): 48-48-10
+(2,842 parameters) and 784-1250-10 (993,760 ≈ 1M). Adam and the learned optimizer run interleaved,
+one iteration each in turn on their own copy of the parameters and the same batches, so machine
+load affects both alike; the table gives medians of the whole iteration (zero grads, forward,
+backward, step) and of the step alone, as ratios to Adam. Usage:
 
     python benchmarks/bench_step_time.py [--task mnist:48-48:b64] [--steps 200] [--data-dir DIR]
+        [--learned mlp-lopt psd ...] [--learned-steps 50] [--big-steps 20] [--skip-baselines]
 """
 
 from __future__ import annotations
@@ -43,14 +51,71 @@ def time_per_step(task, spec, steps: int, seed: int = 0) -> float:
     return statistics.median(times)
 
 
+def synthetic_task(inputs: int, hidden: int, classes: int = 10, examples: int = 4096, batch: int = 64,
+                   seed: int = 0):
+    """The 2017 MLP objective on N(0, 1) inputs with random labels (cost is what is measured)."""
+    from l2o.tasks.mlp import MLPClassifierTask, ProjectedData
+
+    g = torch.Generator().manual_seed(seed)
+    data = ProjectedData(torch.randn(examples, inputs, generator=g), torch.randint(0, classes, (examples,), generator=g),
+                         classes, "synthetic N(0,1)")
+    return MLPClassifierTask(data, hidden, batch, name=f"synthetic:{inputs}-{hidden}-{classes}:b{batch}")
+
+
+def interleaved_times(task, specs: dict, steps: int, warmup: int = 3, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Median (iteration, step-only) seconds per optimizer, the optimizers taking turns every iteration."""
+    runs = {}
+    for name, spec in specs.items():
+        params = {k: v.requires_grad_(True) for k, v in task.init_params(seed).items()}
+        runs[name] = (params, spec.build([params[g.name] for g in task.groups]), [], [])
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(steps + warmup):
+        idx = task.sample_batch(gen)
+        for params, opt, t_it, t_st in runs.values():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
+            loss = task.loss(params, idx)
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step(lambda loss=loss: loss)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                t_it.append(t2 - t0)
+                t_st.append(t2 - t1)
+    return {n: (statistics.median(r[2]), statistics.median(r[3])) for n, r in runs.items()}
+
+
+def learned_table(names: list[str], steps: int, big_steps: int) -> None:
+    """Per-iteration cost × Adam of learned optimizers on the 48-48-10 and ~1M-parameter nets."""
+    tuned = load_tuned()
+    print(f"\nlearned optimizers vs Adam ({tuned.spec('adam')}), batch 64, 1 thread, interleaved, medians")
+    print("| model | parameters | iters | optimizer | Adam ms/iter | ms/iter | × Adam (iteration) "
+          "| Adam step ms | step ms | × Adam (step only) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for inputs, hidden, n_steps in ((48, 48, steps), (784, 1250, big_steps)):
+        task = synthetic_task(inputs, hidden)
+        for name in names:
+            res = interleaved_times(task, {"adam": tuned.spec("adam"), name: parse_optimizer(name)}, n_steps)
+            (a_it, a_st), (l_it, l_st) = res["adam"], res[name]
+            print(f"| MLP {inputs}-{hidden}-10 | {task.dim:,} | {n_steps} | {name} | {a_it * 1e3:.2f} | {l_it * 1e3:.2f} "
+                  f"| {l_it / a_it:.2f} | {a_st * 1e3:.2f} | {l_st * 1e3:.2f} | {l_st / a_st:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="mnist:48-48:b64")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--data-dir")
     ap.add_argument("--optimizers", nargs="+", default=list(BASELINES))
+    ap.add_argument("--learned", nargs="*", default=["mlp-lopt"], help="learned optimizers for the second table")
+    ap.add_argument("--learned-steps", type=int, default=50, help="timed iterations on the 48-48-10 net")
+    ap.add_argument("--big-steps", type=int, default=20, help="timed iterations on the ~1M-parameter net")
+    ap.add_argument("--skip-baselines", action="store_true", help="only the learned-optimizer table")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.skip_baselines:
+        learned_table(args.learned, args.learned_steps, args.big_steps)
+        return
     task = make_task(args.task, data_dir=args.data_dir)
     tuned = load_tuned()
     specs = {n: (tuned.spec(n) if ":" not in n and n in tuned.settings else parse_optimizer(n)) for n in args.optimizers}
@@ -60,6 +125,8 @@ def main() -> None:
     for name, spec in specs.items():
         t = time_per_step(task, spec, args.steps)
         print(f"{name:12s} {t * 1e3:9.3f} {t / ref:8.2f}")
+    if args.learned:
+        learned_table(args.learned, args.learned_steps, args.big_steps)
 
 
 if __name__ == "__main__":

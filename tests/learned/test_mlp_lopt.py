@@ -207,3 +207,17 @@ def test_registry_packaged_weights_and_make_optimizer(tmp_path) -> None:
     assert isinstance(ada, torch.optim.Adagrad) and ada.defaults["lr"] == 0.1
     with pytest.raises(ValueError):
         l2o.make_optimizer("no-such-optimizer", m.parameters())
+
+
+def test_chunked_front_end_path_equals_the_pure_policy() -> None:
+    arch = MLPLOptArch(hidden=8)
+    th = random_theta(arch)
+    g = torch.randn(1000, dtype=torch.float64)
+    st = {k: torch.rand(1000, dtype=torch.float64) for k in STATE_KEYS}
+    t = torch.tensor(7.0, dtype=torch.float64)
+    th64 = {k: v.double() for k, v in th.items()}
+    d_pure, new_pure = policy_step(th64, st, g, t, arch)
+    d_chunk, new_chunk = policy_step(th64, st, g, t, arch, chunk=96)
+    torch.testing.assert_close(d_chunk, d_pure, rtol=1e-12, atol=1e-14)
+    for k in STATE_KEYS:
+        assert torch.equal(new_chunk[k], new_pure[k])

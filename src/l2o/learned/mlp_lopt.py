@@ -60,6 +60,10 @@ N_DIRECTIONS = 7
 N_COORD_FEATURES = N_DIRECTIONS + 1
 N_TIME = len(TIME_SCALES)
 THETA_KEYS = ("u", "c", "W1", "b1", "W2", "b2")
+CHUNK = 8192
+"""Coordinates per block of the front end's MLP on large tensors: keeps the [H, CHUNK] hidden layer
+in cache (a [H, 10⁶] hidden layer made one step ≈ 5× slower on one CPU thread). The Python work per
+step is O(#tensors + n/CHUNK); everything else is one flattened tensor op per tensor."""
 MAG_CLAMP = 10.0
 """μ is clamped to ≤ 10 before exp (keeps a bad θ finite)."""
 
@@ -131,58 +135,99 @@ def time_features(t: Tensor) -> Tensor:
     return torch.stack([torch.tanh(t / s) for s in TIME_SCALES])
 
 
-def directions(state: Mapping[str, Tensor], g: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """The K directions [n, K] and the noise feature r [n] from the *updated* state (flat [n])."""
-    bc = {b: 1 - torch.pow(torch.as_tensor(b, dtype=g.dtype), t) for b in (0.5, 0.9, 0.99, 0.999)}
-    sqrt_g = state["G"].sqrt() + EPS_ADAGRAD
-    sv999 = (state["v0999"] / bc[0.999]).sqrt() + EPS_ADAPTIVE
-    d = torch.stack([
-        g / sqrt_g,
-        g / (state["v099"].sqrt() + EPS_ADAPTIVE),
-        (state["m09"] / bc[0.9]) / sv999,
-        state["m09"] / sqrt_g,
-        (state["m05"] / bc[0.5]) / sv999,
-        (state["m099"] / bc[0.99]) / sv999,
-        g / sv999,
-    ], dim=-1)
-    r = (state["v099"] / bc[0.99]).sqrt() / sv999
-    return d, r
+def step_constants(t: Tensor) -> dict[str, Tensor]:
+    """What depends on t only: τ(t); the row scales ``rs`` [8] with d_k = rs_k·row_k (bias
+    corrections, see :func:`features`); ``eps999`` = ε₂·√(1−0.999^t)."""
+    bc = {b: 1 - torch.pow(torch.as_tensor(b, dtype=t.dtype), t) for b in (0.5, 0.9, 0.99, 0.999)}
+    s999 = bc[0.999].sqrt()
+    one = torch.ones_like(s999)
+    rs = torch.stack([one, one, s999 / bc[0.9], one, s999 / bc[0.5], s999 / bc[0.99], s999, s999 / bc[0.99].sqrt()])
+    return {"tau": time_features(t), "rs": rs, "eps999": EPS_ADAPTIVE * s999}
 
 
 def update_state(state: Mapping[str, Tensor], g: Tensor) -> dict[str, Tensor]:
-    """Accumulators after gradient g (torch's conventions for AdaGrad's G and RMSprop's v)."""
+    """Accumulators after gradient g: G + g² (as torch's AdaGrad: addcmul), m^β and v^β by lerp."""
     g2 = g * g
     return {
-        "G": state["G"] + g2,
-        "m05": 0.5 * state["m05"] + 0.5 * g,
-        "m09": 0.9 * state["m09"] + 0.1 * g,
-        "m099": 0.99 * state["m099"] + 0.01 * g,
-        "v099": 0.99 * state["v099"] + 0.01 * g2,
-        "v0999": 0.999 * state["v0999"] + 0.001 * g2,
+        "G": torch.addcmul(state["G"], g, g),
+        "m05": torch.lerp(state["m05"], g, 0.5),
+        "m09": torch.lerp(state["m09"], g, 0.1),
+        "m099": torch.lerp(state["m099"], g, 0.01),
+        "v099": torch.lerp(state["v099"], g2, 0.01),
+        "v0999": torch.lerp(state["v0999"], g2, 0.001),
     }
 
 
+def features(state: Mapping[str, Tensor], g: Tensor, consts: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
+    """The 8 per-coordinate feature rows [8, n] from the *updated* state (flat [n]), up to the row
+    scales ``consts["rs"]``: d_k = rs_k·row_k are the K = 7 directions of the module docstring and
+    rs_7·row_7 the noise feature r. (With u := u ⊙ rs the linear path is exact; the RMS-normalised
+    rows the MLP sees do not depend on positive row scales.) ``out``: a [8, n] buffer to fill
+    (no vmap), else the rows are stacked."""
+    sqrt_g = state["G"].sqrt().add_(EPS_ADAGRAD)
+    rv99 = state["v099"].sqrt()
+    inv999 = torch.reciprocal(state["v0999"].sqrt().add_(consts["eps999"]))
+    if out is None:
+        return torch.stack([g / sqrt_g, g / (rv99 + EPS_ADAPTIVE), state["m09"] * inv999, state["m09"] / sqrt_g,
+                            state["m05"] * inv999, state["m099"] * inv999, g * inv999, rv99 * inv999])
+    torch.div(g, sqrt_g, out=out[0])
+    torch.div(g, rv99 + EPS_ADAPTIVE, out=out[1])
+    torch.mul(state["m09"], inv999, out=out[2])
+    torch.div(state["m09"], sqrt_g, out=out[3])
+    torch.mul(state["m05"], inv999, out=out[4])
+    torch.mul(state["m099"], inv999, out=out[5])
+    torch.mul(g, inv999, out=out[6])
+    torch.mul(rv99, inv999, out=out[7])
+    return out
+
+
+def _mlp_out(W1n: Tensor, bias: Tensor, W2: Tensor, b2: Tensor, phi: Tensor, chunk: int | None) -> Tensor:
+    """δ·exp(μ) [n] for features φ [8, n]: [δ; μ] = W2ᵀ relu(W1nᵀ φ + bias) + b2. With ``chunk``,
+    CHUNK coordinates at a time (keeps the [H, chunk] hidden layer in cache; no autograd/vmap)."""
+    n = phi.shape[-1]
+    if chunk is None:
+        h = torch.relu(W1n.T @ phi + bias.unsqueeze(-1))
+        o = W2.T @ h + b2.unsqueeze(-1)
+        return o[0] * torch.exp(o[1].clamp(max=MAG_CLAMP))
+    res = torch.empty(n, dtype=phi.dtype, device=phi.device)
+    W1t, b, W2t, c2 = W1n.T.contiguous(), bias.unsqueeze(-1), W2.T.contiguous(), b2.unsqueeze(-1)
+    for s in range(0, n, chunk):
+        h = torch.addmm(b, W1t, phi[:, s:s + chunk]).relu_()
+        o = torch.addmm(c2, W2t, h)
+        torch.mul(o[0], o[1].clamp_(max=MAG_CLAMP).exp_(), out=res[s:s + chunk])
+    return res
+
+
 def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Tensor, t: Tensor,
-                arch: MLPLOptArch) -> tuple[Tensor, dict[str, Tensor]]:
+                arch: MLPLOptArch, chunk: int | None = None, consts: Mapping[str, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
     """One step for one parameter tensor, flattened: returns (Δx [n], new state); x ← x + Δx.
 
     ``g`` is the gradient [n], ``state`` the accumulators [n] each, ``t`` the 1-based step index
-    (0-d tensor). Pure: usable under ``torch.func.vmap`` over θ, state, g and t.
+    (0-d tensor; ``consts`` = :func:`step_constants` (t) if already computed). Pure: usable under
+    ``torch.func.vmap`` over θ, state, g and t when ``chunk`` is None; with ``chunk`` (the front
+    end, no autograd) the MLP runs CHUNK coordinates at a time into preallocated buffers. The
+    per-tensor RMS normalisation of φ is folded into W1's rows.
     """
+    consts = step_constants(t) if consts is None else consts
     new = update_state(state, g)
-    d, r = directions(new, g, t)
-    tau = time_features(t).to(g.dtype)
+    buffer = None if chunk is None else torch.empty((N_COORD_FEATURES, g.shape[-1]), dtype=g.dtype, device=g.device)
+    phi = features(new, g, consts, out=buffer)
+    tau = consts["tau"].to(g.dtype)
     c = theta["c"]
-    gain = torch.exp(c[0] + (c[1:] * tau).sum())
-    linear = d @ theta["u"]
-    phi = torch.cat([d, r.unsqueeze(-1)], dim=-1)
-    phi = phi * torch.rsqrt(phi.square().mean(dim=0) + 1e-12)
+    step_size = arch.base_lr * torch.exp(c[0] + (c[1:] * tau).sum())
+    linear = (theta["u"] * consts["rs"][:N_DIRECTIONS].to(g.dtype)) @ phi[:N_DIRECTIONS]
+    if chunk is None:
+        inv_rms = torch.rsqrt(phi.square().mean(dim=-1) + 1e-12)
+    else:
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(phi, dim=-1).square() / phi.shape[-1] + 1e-12)
     W1 = theta["W1"]
-    h = torch.relu(phi @ W1[:N_COORD_FEATURES] + (theta["b1"] + tau @ W1[N_COORD_FEATURES:]))
-    out = h @ theta["W2"] + theta["b2"]
-    mlp = out[..., 0] * torch.exp(out[..., 1].clamp(max=MAG_CLAMP))
-    delta = -(arch.base_lr * gain * linear + arch.mlp_scale * mlp)
-    return delta, new
+    W1n = W1[:N_COORD_FEATURES] * inv_rms.unsqueeze(-1)
+    bias = theta["b1"] + tau @ W1[N_COORD_FEATURES:]
+    mlp = _mlp_out(W1n, bias, theta["W2"], theta["b2"], phi, chunk)
+    if chunk is None:
+        return -(step_size * linear + arch.mlp_scale * mlp), new
+    return linear.mul_(-step_size).add_(mlp, alpha=-arch.mlp_scale), new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,15 +332,19 @@ class MLPLOpt(torch.optim.Optimizer):
                     raise FloatingPointError(
                         f"MLPLOpt: the gradient of parameter {pi} of param group {gi} (shape {tuple(p.shape)}) has NaN/inf entries")
                 work.append((p, g))
+        consts: dict[tuple[int, torch.dtype, torch.device], dict[str, Tensor]] = {}
         for p, g in work:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = 0
                 for k, v in init_state(g).items():
                     state[k] = v
-            t = torch.tensor(float(state["step"] + 1), dtype=p.dtype, device=p.device)
+            key = (state["step"] + 1, p.dtype, p.device)
+            if key not in consts:
+                consts[key] = step_constants(torch.tensor(float(key[0]), dtype=p.dtype, device=p.device))
             old = {k: state[k].reshape(-1) for k in STATE_KEYS}
-            delta, new = policy_step(self._theta_for(p), old, g.to(p.dtype), t, self.arch)
+            delta, new = policy_step(self._theta_for(p), old, g.to(p.dtype), None, self.arch,  # type: ignore[arg-type]
+                                     chunk=CHUNK, consts=consts[key])
             for k in STATE_KEYS:
                 state[k] = new[k].view_as(p)
             p.add_(delta.view_as(p))
