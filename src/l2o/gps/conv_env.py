@@ -26,10 +26,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from l2o.features.conv2017 import PSI_DIM, STATE_DIM, observation_step, state_features
+from l2o.features.sets import FeatureSet, Paper2017Features
 from l2o.tasks.base import Task, flatten, unflatten
 
-GRAD_FEATURE = 1 + 25
+GRAD_FEATURE = Paper2017Features().grad_feature
 """Index in s_t^j of Φ2_0 = ḡ_t/(|ḡ_{max(t−5, t mod 5)}| + 1), the state's current-gradient feature
 (after x_t^j and the 25 objective-change features)."""
 
@@ -43,14 +43,14 @@ class Controller(Protocol):
     def reset(self, n: int) -> None: ...
 
     def act(self, t: int, states: Tensor | None, observations: Tensor, generator: torch.Generator) -> Tensor:
-        """states [n, 77] (or None), observations [n, 3] → actions [n]."""
+        """states [n, D] (or None), observations [n, P] → actions [n]."""
         ...
 
 
 @dataclass
 class Rollout:
-    """One trajectory. Per group g (in task order): ``states[g]`` [T, S_g, 77], ``actions[g]``
-    [T, S_g], ``observations[g]`` [T, S_g, 3] for the subsampled coordinates ``coords[g]``.
+    """One trajectory. Per group g (in task order): ``states[g]`` [T, S_g, D], ``actions[g]``
+    [T, S_g], ``observations[g]`` [T, S_g, P] for the subsampled coordinates ``coords[g]``.
     ``true_loss`` [len(eval_steps)] is f(x_t) at ``eval_steps``; ``batch_loss`` [T] is f̂_t;
     ``curvature`` [len(curvature_steps), G] is h_{g,t}; ``action_rms`` [T, G] the RMS step per
     group; ``grad_moments`` [len(eval_steps), G, 2] holds Σ_j ∇_j f·Φ2_0^j and Σ_j (Φ2_0^j)² over the
@@ -100,10 +100,14 @@ def rollout(
     record_states: bool = True,
     dtype: torch.dtype = torch.float32,
     return_history: bool = False,
+    features: FeatureSet | None = None,
 ) -> Rollout:
     """Run ``controller`` on ``task`` from x⁽⁰⁾(seed) for ``horizon`` steps with mini-batches drawn
     by a generator seeded from ``seed``; exploration noise uses a third seeded generator, so a
-    rollout is a deterministic function of (controller, seed)."""
+    rollout is a deterministic function of (controller, seed). ``features`` (default: the paper's,
+    :class:`l2o.features.sets.Paper2017Features`) makes the states s_t and observations Ψ_t."""
+    features = Paper2017Features() if features is None else features
+    D, P = features.state_dim, features.obs_dim
     T = int(horizon)
     if T < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -121,9 +125,9 @@ def rollout(
     xs = torch.zeros(T + 1, n, dtype=dtype)
     gs = torch.zeros(T + 1, n, dtype=dtype)
     fs = torch.zeros(T + 1, dtype=dtype)
-    rec_s = [torch.full((T, len(c), STATE_DIM), math.nan, dtype=dtype) for c in coords] if record_states else []
+    rec_s = [torch.full((T, len(c), D), math.nan, dtype=dtype) for c in coords] if record_states else []
     rec_a = [torch.full((T, len(c)), math.nan, dtype=dtype) for c in coords]
-    rec_o = [torch.full((T, len(c), PSI_DIM), math.nan, dtype=dtype) for c in coords]
+    rec_o = [torch.full((T, len(c), P), math.nan, dtype=dtype) for c in coords]
     eval_steps = torch.tensor(sorted(set(range(0, T + 1, eval_every)) | {T}), dtype=torch.long)
     curv_steps = torch.arange(0, T, curvature_every, dtype=torch.long)
     true_loss = torch.full((len(eval_steps),), math.nan, dtype=torch.float64)
@@ -135,6 +139,7 @@ def rollout(
     curv_pos = {int(t): i for i, t in enumerate(curv_steps)}
 
     controller.reset(n)
+    mem = features.init(n, T, dtype)
     diverged = False
     for t in range(T + 1):
         if t in eval_pos:
@@ -154,12 +159,7 @@ def rollout(
             break
         batch_loss[t] = f_val
         xs[t], gs[t], fs[t] = x, g.detach(), f_val
-        obs = observation_step(fs[t], fs[t - 1] if t >= 1 else None, gs[t], gs[t - 1] if t >= 1 else None,
-                               xs[t], xs[t - 1] if t >= 1 else None, xs[t - 2] if t >= 2 else None)
-        S = None
-        if controller.needs_states or record_states:
-            phi = state_features(xs[: t + 1], gs[: t + 1], fs[: t + 1], times=torch.tensor([t]))[0]
-            S = torch.cat([x.unsqueeze(-1), phi], dim=-1)
+        S, obs, mem = features.step(mem, t, x, gs[t], fs[t], need_state=controller.needs_states or record_states)
         a = controller.act(t, S if controller.needs_states else None, obs, noise_gen).detach().to(dtype)
         if a.shape != (n,) or not bool(torch.isfinite(a).all()):
             diverged = True
@@ -168,7 +168,7 @@ def rollout(
             xt = x.clone().requires_grad_(True)
             with torch.enable_grad():
                 (g_true,) = torch.autograd.grad(task.loss(unflatten(xt, groups), None), xt)
-            feat = S[:, GRAD_FEATURE]
+            feat = S[:, features.grad_feature]
             for gi, s in enumerate(slices):
                 grad_moments[eval_pos[t], gi, 0] = float((g_true[s] * feat[s]).sum())
                 grad_moments[eval_pos[t], gi, 1] = float(feat[s].square().sum())

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from torch import Tensor
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.features.conv2017 import STATE_DIM
+from l2o.features.sets import FeatureSet, get_feature_set
 from l2o.gps.badmm import (
     dual_step,
     kl_psi_pi,
@@ -89,11 +91,18 @@ class ConvGPSConfig:
     """Hyperparameters of :class:`ConvGPSTrainer` (validated; unknown keys are rejected).
 
     ε is the per-time-step KL budget of each group's ψ-step (the bound is T·ε); ν_t starts at
-    ``nu`` and ``kl_target`` is per step. ψ₀ imitates gradient descent on the state's gradient
-    feature: a = −``init_gain``·Φ2_0 with exploration std ``init_noise`` × the group's RMS step.
+    ``nu`` and ``kl_target`` is per step. ``features`` names the feature set of s_t and Ψ_t
+    (:mod:`l2o.features.sets`). ψ₀ is a = −``init_gain``·s_t[``init_direction``] (default: the set's
+    gradient feature, i.e. gradient descent; with ``features = "scale-free"`` and
+    ``init_direction = "adagrad"`` it is AdaGrad with lr ``init_gain``), with exploration std
+    ``init_noise`` × the group's RMS step. ``noise_floor`` > 0 keeps ψ's exploration std at least
+    that fraction of the RMS of its mean action at every t (see :func:`floor_noise`; 0 = off, the
+    paper's behaviour).
     """
 
     task: str = "mnist:48-48:b64"
+    features: str = "paper2017"
+    init_direction: str | None = None
     horizon: int = 400
     iterations: int = 10
     samples: int = 6
@@ -110,6 +119,7 @@ class ConvGPSConfig:
     kl_target: float = 0.1
     alpha: float = 0.1
     curvature_floor: float = 0.05
+    noise_floor: float = 0.0
     pi_steps: int = 30
     pi_first_steps: int = 120
     pi_lr: float = 3e-3
@@ -127,7 +137,7 @@ class ConvGPSConfig:
                      "threads", "pi_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"conv-GPS config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("iterations", "seed", "pi_steps", "pi_first_steps"):
+        for name in ("iterations", "seed", "pi_steps", "pi_first_steps", "noise_floor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"conv-GPS config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("init_gain", "init_noise", "nu", "kl_target", "pi_lr", "curvature_floor"):
@@ -157,15 +167,34 @@ class ConvGPSConfig:
 
 
 # --------------------------------------------------------------------------- pure pieces
-def initial_psi(T: int, gain: float, std: float) -> LinearGaussianPolicy:
-    """ψ₀: a_t = −gain·Φ2_0 + N(0, std²) for every t (gradient descent on the gradient feature)."""
-    K = torch.zeros(T, 1, STATE_DIM, dtype=DTYPE)
-    K[:, 0, GRAD_FEATURE] = -float(gain)
+def initial_psi(T: int, gain: float, std: float, state_dim: int = STATE_DIM,
+                index: int = GRAD_FEATURE) -> LinearGaussianPolicy:
+    """ψ₀: a_t = −gain·s_t[index] + N(0, std²) for every t (by default gradient descent on the
+    paper state's gradient feature Φ2_0)."""
+    K = torch.zeros(T, 1, state_dim, dtype=DTYPE)
+    K[:, 0, index] = -float(gain)
     return LinearGaussianPolicy(K, torch.zeros(T, 1, dtype=DTYPE), torch.full((T, 1, 1), float(std) ** 2, dtype=DTYPE))
 
 
-def telescoped_cost(curvature: Tensor, horizon: int, rho: Tensor | None = None) -> QuadraticCost:
-    """c̃_t(s, a) = w_t (ρ_t Φ2_0·a + ½ h_t a²), w_t = T − 1 − t, over xu = [s (77); a (1)].
+def floor_noise(psi: LinearGaussianPolicy, states: Tensor, ratio: float) -> LinearGaussianPolicy:
+    """ψ with covariance G_t ≥ (ratio · RMS_t μ^ψ)², the RMS over the sampled states [N, T, D].
+
+    Why: the LQG's covariance is (η + ν)·Q_uu⁻¹, which collapses as η → 0 when the cost's curvature
+    is large in its own units; the next KL trust region, measured against that collapsed ψ, then
+    allows only a vanishing change of the mean, and GPS stalls far from the optimum (the
+    known-optimum test on separable quadratics showed this). Keeping the exploration a fixed
+    fraction of the step lets every iteration move the gains by a bounded relative amount."""
+    if ratio <= 0:
+        return psi
+    rms = psi.mean(states).square().mean(dim=(0, 2)).sqrt()  # [T]
+    floor = (ratio * rms).square().view(-1, 1, 1) * torch.eye(psi.cov.shape[-1], dtype=psi.cov.dtype)
+    return LinearGaussianPolicy(psi.K, psi.k, torch.maximum(psi.cov, floor))
+
+
+def telescoped_cost(curvature: Tensor, horizon: int, rho: Tensor | None = None, state_dim: int = STATE_DIM,
+                    grad_feature: int = GRAD_FEATURE) -> QuadraticCost:
+    """c̃_t(s, a) = w_t (ρ_t Φ2_0·a + ½ h_t a²), w_t = T − 1 − t, over xu = [s (D); a (1)], with
+    Φ2_0 = s[grad_feature] (D = 77 and Φ2_0 for the paper's state).
 
     ``curvature`` [T] is the group's h_t (> 0); ``rho`` [T] (default 1) the regression coefficient
     of the true gradient on Φ2_0. See the module docstring for the derivation.
@@ -177,13 +206,14 @@ def telescoped_cost(curvature: Tensor, horizon: int, rho: Tensor | None = None) 
     r = torch.ones(T, dtype=DTYPE) if rho is None else torch.as_tensor(rho, dtype=DTYPE)
     if r.shape != (T,) or not bool(torch.isfinite(r).all()):
         raise ValueError(f"rho must be [T] = [{T}] and finite")
-    m = STATE_DIM + 1
+    D = int(state_dim)
+    m = D + 1
     w = (T - 1 - torch.arange(T, dtype=DTYPE))
     C = torch.zeros(T, m, m, dtype=DTYPE)
-    C[:, GRAD_FEATURE, STATE_DIM] = w * r  # ½ xuᵀCxu holds w·ρ·Φ2_0·a through both off-diagonal entries
-    C[:, STATE_DIM, GRAD_FEATURE] = w * r
-    C[:, STATE_DIM, STATE_DIM] = w * h
-    return QuadraticCost(C, torch.zeros(T, m, dtype=DTYPE), torch.zeros(T, dtype=DTYPE), STATE_DIM)
+    C[:, grad_feature, D] = w * r  # ½ xuᵀCxu holds w·ρ·Φ2_0·a through both off-diagonal entries
+    C[:, D, grad_feature] = w * r
+    C[:, D, D] = w * h
+    return QuadraticCost(C, torch.zeros(T, m, dtype=DTYPE), torch.zeros(T, dtype=DTYPE), D)
 
 
 def curvature_profile(samples: list[Rollout], group: int, horizon: int, floor: float) -> Tensor:
@@ -270,7 +300,7 @@ class ConvGPSTrainer:
     """
 
     def __init__(self, config: ConvGPSConfig, out: str | os.PathLike, task: Task | None = None,
-                 command: str | None = None, progress: bool = True) -> None:
+                 command: str | None = None, progress: bool = True, features: FeatureSet | None = None) -> None:
         self.config = config
         self.out = Path(out)
         self.command = command
@@ -280,11 +310,17 @@ class ConvGPSTrainer:
 
             task = make_task(config.task, data_dir=config.data_dir)
         self.task = task
+        if features is None:
+            features = get_feature_set(config.features)
+        elif features.name != config.features:
+            raise ValueError(f"config.features is {config.features!r} but the feature set passed is {features.name!r}")
+        self.features = features
+        self.init_index = self._direction_index(config.init_direction)
         self.T = config.horizon
         self.sizes = [g.numel for g in task.groups]
         self.iteration = 0
         self.epsilon = config.epsilon
-        self.net = psd_lstm.init_net(config.seed)
+        self.net = psd_lstm.init_net(config.seed, input_size=features.obs_dim)
         self.normalised = False
         self.groups: list[GroupState] = []
         self.log: list[dict[str, Any]] = []
@@ -294,13 +330,32 @@ class ConvGPSTrainer:
         self.last_psi_cost: float | None = None
 
     # ------------------------------------------------------------------ set-up and I/O
+    def _direction_index(self, name: str | None) -> int:
+        """Index in s_t of ψ₀'s direction: ``name`` among the feature set's state names, or the
+        gradient feature when None."""
+        if not name:
+            return self.features.grad_feature
+        names = tuple(getattr(self.features, "state_names", ()))
+        if name not in names:
+            raise ValueError(f"conv-GPS config: init_direction {name!r} is not a state feature of "
+                             f"{self.features.name!r}; known: {list(names)}")
+        return names.index(name)
+
+    def _initial_psi(self, std: float) -> LinearGaussianPolicy:
+        return initial_psi(self.T, self.config.init_gain, std, self.features.state_dim, self.init_index)
+
+    def _rollout(self, controller: Any, seed: int, horizon: int, coords: int, eval_every: int, curvature_every: int,
+                 record_states: bool = True) -> Rollout:
+        return rollout(self.task, controller, seed, horizon, coords, eval_every, curvature_every,
+                       record_states=record_states, features=self.features)
+
     def _init_groups(self) -> None:
         c = self.config
-        probe = rollout(self.task, GroupLinearGaussianController(self.task, [initial_psi(self.T, c.init_gain, 1e-12)] *
-                                                                 len(self.sizes), noise=False),
-                        TRAIN_SEED_BASE - 1 - c.seed, min(self.T, 20), 1, eval_every=10 ** 6, curvature_every=10 ** 6)
+        probe = self._rollout(GroupLinearGaussianController(self.task, [self._initial_psi(1e-12)] * len(self.sizes),
+                                                            noise=False),
+                              TRAIN_SEED_BASE - 1 - c.seed, min(self.T, 20), 1, eval_every=10 ** 6, curvature_every=10 ** 6)
         rms = probe.action_rms.nanmean(0)
-        self.groups = [GroupState(initial_psi(self.T, c.init_gain, c.init_noise * float(r)), torch.zeros(self.T, 1, dtype=DTYPE),
+        self.groups = [GroupState(self._initial_psi(c.init_noise * float(r)), torch.zeros(self.T, 1, dtype=DTYPE),
                                   torch.full((self.T,), c.nu, dtype=DTYPE), None, None) for r in rms]
 
     def _tensors(self) -> dict[str, Tensor]:
@@ -331,7 +386,8 @@ class ConvGPSTrainer:
         tensors = {k: v.clone() for k, v in tensors.items()}
         old = dict(meta["config"])
         new = self.config.to_dict()
-        diff = sorted(k for k in new if k not in ("iterations", "data_dir") and old.get(k) != new[k])
+        defaults = ConvGPSConfig().to_dict()  # keys added since the checkpoint was written take their defaults
+        diff = sorted(k for k in new if k not in ("iterations", "data_dir") and old.get(k, defaults[k]) != new[k])
         if diff:
             raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)}); "
                                   "use a new --out folder or the same config")
@@ -363,6 +419,7 @@ class ConvGPSTrainer:
 
     def policy_meta(self) -> dict[str, Any]:
         return {"method": "Predicted Step Descent (Li & Malik 2017), Convolutional GPS",
+                "features": self.features.name,
                 "training": {"command": self.command, "config": self.config.to_dict(), "iteration": self.iteration,
                              "heldout_auc": self.best_auc, "wall_s": round(self.wall, 1), "torch": torch.__version__}}
 
@@ -371,11 +428,11 @@ class ConvGPSTrainer:
         c = self.config
         ctrl = GroupLinearGaussianController(self.task, [g.psi for g in self.groups])
         seeds = [TRAIN_SEED_BASE + c.seed * 10_000 + it * c.samples + m for m in range(c.samples)]
-        return [rollout(self.task, ctrl, s, self.T, c.coords_per_group, c.eval_every, c.curvature_every) for s in seeds]
+        return [self._rollout(ctrl, s, self.T, c.coords_per_group, c.eval_every, c.curvature_every) for s in seeds]
 
     def _evaluate_pi(self) -> tuple[float, float]:
         c = self.config
-        runs = [rollout(self.task, LSTMController(self.net), EVAL_SEED_BASE + c.seed * 100 + k, self.T, 1, c.eval_every,
+        runs = [self._rollout(LSTMController(self.net), EVAL_SEED_BASE + c.seed * 100 + k, self.T, 1, c.eval_every,
                         10 ** 9, record_states=False) for k in range(c.eval_seeds)]
         if any(r.diverged for r in runs):
             return math.inf, math.inf
@@ -442,13 +499,15 @@ class ConvGPSTrainer:
                                "psi_diverged": len(samples) - len(valid), "epsilon": self.epsilon, "groups": []}
         obs_all, tgt_all, w_all, states_all = [], [], [], []
         predicted = 0.0
+        failures = 0
         for gi, (g, n_g) in enumerate(zip(self.groups, self.sizes)):
             S, A, O = group_samples(valid, gi)
             dyn = fit_dynamics(S, A, ridge=c.dynamics_ridge)
             rho = gradient_shrinkage(valid, gi, self.T)
-            cost = telescoped_cost(curvature_profile(valid, gi, self.T, c.curvature_floor), self.T, rho)
+            cost = telescoped_cost(curvature_profile(valid, gi, self.T, c.curvature_floor), self.T, rho,
+                                   self.features.state_dim, self.features.grad_feature)
             mu0 = S[:, 0].mean(0)
-            sigma0 = torch.cov(S[:, 0].T) + 1e-8 * torch.eye(STATE_DIM, dtype=DTYPE)
+            sigma0 = torch.cov(S[:, 0].T) + 1e-8 * torch.eye(self.features.state_dim, dtype=DTYPE)
             pi_cov = pi_covariance(g.psi.cov, g.nu)
             pi_fit = fit_linear_gaussian_policy(S, pi_means(self.net, O), cov=pi_cov.expand(self.T, 1, 1))
             old = g.psi
@@ -459,22 +518,28 @@ class ConvGPSTrainer:
                 badmm = {"lambda_": g.lam, "nu": g.nu, "pi_fit": pi_fit} if self.normalised else {}
                 res = solve_trust_region(dyn, cost, old, mu0, sigma0, self.epsilon * self.T, eta_init=g.eta,
                                          group=self.task.groups[gi].name, **badmm)
-                g.psi, g.eta = res.policy, res.eta
+                g.psi, g.eta = floor_noise(res.policy, S, c.noise_floor), res.eta
                 info.update(eta=res.eta, kl_step=res.kl / self.T)
                 gain = float(expected_cost(old, dyn, cost, mu0, sigma0).sum() - expected_cost(g.psi, dyn, cost, mu0, sigma0).sum())
                 predicted += n_g * gain
-            except GPSError as e:  # keep ψ_g; the ε test shrinks the region next time
+            except GPSError as e:
+                # An explicit, counted fallback: ψ_g is kept, so this group's predicted improvement
+                # is 0 and the ε ratio test compares like with like.
+                failures += 1
                 info.update(error=str(e))
+                warnings.warn(f"conv-GPS iteration {it}: ψ-step of group {self.task.groups[gi].name} failed, "
+                              f"ψ kept: {e}", RuntimeWarning, stacklevel=2)
             y, W = pi_targets(g.psi, S, g.lam, g.nu)
             obs_all.append(O)
             tgt_all.append(y)
             w_all.append(W)
             states_all.append(S)
-            info["gain_K_grad"] = float(g.psi.K[:, 0, GRAD_FEATURE].mean())
+            info["gain_K_grad"] = float(g.psi.K[:, 0, self.init_index].mean())
             info["psi_std"] = float(g.psi.cov[:, 0, 0].sqrt().mean())
             rec["groups"].append(info)
         self.last_prediction, self.last_psi_cost = predicted, psi_cost
         rec["predicted_improvement"] = predicted
+        rec["psi_step_failures"] = failures
         rec["pi_regression_rel_rmse"] = self._pi_step(it, obs_all, tgt_all, w_all)
         # BADMM dual step and ν schedule, per group
         for gi, g in enumerate(self.groups):

@@ -49,9 +49,11 @@ class Hidden(NamedTuple):
         return Hidden(self.h.detach(), self.c.detach())
 
 
-def init_net(seed: int = 0, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """A seeded ω: LSTM weights U(−1/√H, 1/√H) (PyTorch's default), forget-gate bias +1, a zero
-    output layer (the initial π takes no step), identity input normalisation, unit output scale."""
+def init_net(seed: int = 0, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype = torch.float32,
+             input_size: int = PSI_DIM) -> dict[str, Tensor]:
+    """A seeded ω for observations of ``input_size`` features (the paper's Ψ has 3): LSTM weights
+    U(−1/√H, 1/√H) (PyTorch's default), forget-gate bias +1, a zero output layer (the initial π takes
+    no step), identity input normalisation, unit output scale."""
     g = torch.Generator().manual_seed(seed)
     k = 1.0 / math.sqrt(hidden_size)
     H4 = 4 * hidden_size
@@ -60,9 +62,9 @@ def init_net(seed: int = 0, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype =
         return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * k
 
     net = {
-        "W_ih": u(H4, PSI_DIM), "W_hh": u(H4, hidden_size), "b": u(H4),
+        "W_ih": u(H4, input_size), "W_hh": u(H4, hidden_size), "b": u(H4),
         "W_out": torch.zeros(1, hidden_size, dtype=torch.float64), "b_out": torch.zeros(1, dtype=torch.float64),
-        "in_mean": torch.zeros(PSI_DIM, dtype=torch.float64), "in_std": torch.ones(PSI_DIM, dtype=torch.float64),
+        "in_mean": torch.zeros(input_size, dtype=torch.float64), "in_std": torch.ones(input_size, dtype=torch.float64),
         "out_scale": torch.ones(1, dtype=torch.float64),
     }
     net["b"][hidden_size : 2 * hidden_size] += 1.0  # gate order i, f, g, o
@@ -70,13 +72,15 @@ def init_net(seed: int = 0, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype =
 
 
 def check_net(net: Mapping[str, Tensor]) -> int:
-    """Validate ω's names, shapes and values; return the hidden size H."""
+    """Validate ω's names, shapes and values; return the hidden size H (the input size is W_ih's
+    second dimension, :func:`input_size`)."""
     missing, extra = set(NET_KEYS) - set(net), set(net) - set(NET_KEYS)
     if missing or extra:
         raise ValueError(f"PSD policy weights: missing {sorted(missing)}, unexpected {sorted(extra)}")
     H = net["W_hh"].shape[-1]
-    expected = {"W_ih": (4 * H, PSI_DIM), "W_hh": (4 * H, H), "b": (4 * H,), "W_out": (1, H), "b_out": (1,),
-                "in_mean": (PSI_DIM,), "in_std": (PSI_DIM,), "out_scale": (1,)}
+    P = input_size(net)
+    expected = {"W_ih": (4 * H, P), "W_hh": (4 * H, H), "b": (4 * H,), "W_out": (1, H), "b_out": (1,),
+                "in_mean": (P,), "in_std": (P,), "out_scale": (1,)}
     for name, shape in expected.items():
         if tuple(net[name].shape) != shape:
             raise ValueError(f"PSD policy weight {name!r} has shape {tuple(net[name].shape)}, expected {shape}")
@@ -85,6 +89,14 @@ def check_net(net: Mapping[str, Tensor]) -> int:
     if (net["in_std"] <= 0).any():
         raise ValueError("PSD policy weight 'in_std' must be positive")
     return H
+
+
+def input_size(net: Mapping[str, Tensor]) -> int:
+    """P, the number of observation features ω reads (3 for the paper's Ψ)."""
+    w = net["W_ih"]
+    if w.dim() != 2:
+        raise ValueError(f"PSD policy weight 'W_ih' must be a matrix, got shape {tuple(w.shape)}")
+    return int(w.shape[1])
 
 
 def init_hidden(n: int, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype = torch.float32,
@@ -98,8 +110,9 @@ def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor
 
     Pure and differentiable w.r.t. ``net`` and ``hidden`` (the π-step backpropagates through time).
     """
-    if obs.dim() != 2 or obs.shape[-1] != PSI_DIM:
-        raise ValueError(f"PSD policy input must be [N, {PSI_DIM}] (Ψ per coordinate), got {tuple(obs.shape)}")
+    if obs.dim() != 2 or obs.shape[-1] != net["W_ih"].shape[-1]:
+        raise ValueError(f"PSD policy input must be [N, {net['W_ih'].shape[-1]}] (Ψ per coordinate), "
+                         f"got {tuple(obs.shape)}")
     x = (obs - net["in_mean"]) / net["in_std"]
     gates = torch.addmm(net["b"], x, net["W_ih"].T) + hidden.h @ net["W_hh"].T
     i, f, gg, o = gates.chunk(4, dim=-1)
@@ -112,7 +125,7 @@ def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor
 def run_sequence(net: Mapping[str, Tensor], obs: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
     """μ^π along whole sequences: ``obs`` [T, N, 3] → steps [T, N] (teacher forcing on Ψ)."""
     if obs.dim() != 3:
-        raise ValueError(f"sequence input must be [T, N, {PSI_DIM}], got {tuple(obs.shape)}")
+        raise ValueError(f"sequence input must be [T, N, P], got {tuple(obs.shape)}")
     H = net["W_hh"].shape[-1]
     hidden = init_hidden(obs.shape[1], H, obs.dtype, obs.device) if hidden is None else hidden
     outs = []
