@@ -28,7 +28,8 @@ from torch import Tensor
 from l2o.baselines.registry import OptimizerEntry, register_optimizer
 from l2o.checkpoint import CheckpointError
 from l2o.features.conv2017 import observation_step
-from l2o.policies.psd_lstm import NET_KEYS, Hidden, init_hidden, load_policy, step
+from l2o.features.sets import FeatureSet, get_feature_set
+from l2o.policies.psd_lstm import NET_KEYS, Hidden, init_hidden, input_size, load_policy, step
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd.safetensors"
 """The packaged meta-trained policy ω."""
@@ -69,6 +70,7 @@ class PredictedStepDescent(torch.optim.Optimizer):
                     "'psd:checkpoint=PATH' in the benchmark harness")
             raise MissingCheckpointError(f"checkpoint {path} not found")
         net, meta = load_policy(path)
+        self.features = _features_of(path, net, meta)
         self.checkpoint = str(path)
         self.policy_meta = meta
         self.hidden_size = int(net["W_hh"].shape[-1])
@@ -121,27 +123,36 @@ class PredictedStepDescent(torch.optim.Optimizer):
                 state = self.state[p]
                 x = p.detach().reshape(-1)
                 ft = f.to(dtype=p.dtype, device=p.device).reshape(())
-                obs = observation_step(ft, state.get("f_prev"), g, state.get("g_prev"),
-                                       x, state.get("x_prev"), state.get("x_prev2"))
+                mem = None
+                if self.features is None:  # the paper's Ψ (3 features)
+                    obs = observation_step(ft, state.get("f_prev"), g, state.get("g_prev"),
+                                           x, state.get("x_prev"), state.get("x_prev2"))
+                else:  # a named feature set, its O(n) memory kept as state["feat.*"] tensors
+                    old = {k[5:]: v for k, v in state.items() if k.startswith("feat.")} or \
+                        self.features.init(x.numel(), 0, p.dtype)
+                    _, obs, mem = self.features.step(old, int(state.get("step", 0)), x, g, ft, need_state=False)
                 if not torch.isfinite(obs).all():
                     raise FloatingPointError(
                         f"PredictedStepDescent: the observation Ψ of {where} is not finite "
                         f"(previous mini-batch loss {float(state['f_prev']) if 'f_prev' in state else None}, "
                         f"current {f_value})")
-                work.append((p, where, state, x, g, ft, obs))
+                work.append((p, where, state, x, g, ft, obs, mem))
 
-        for p, where, state, x, g, ft, obs in work:
+        for p, where, state, x, g, ft, obs, mem in work:
             if "step" not in state:
                 state["step"] = 0
                 state["h"], state["c"] = init_hidden(x.numel(), self.hidden_size, p.dtype, p.device)
             delta = self._policy_step(self._net_for(p), state, obs)
             if not torch.isfinite(delta).all():
                 raise FloatingPointError(f"PredictedStepDescent: the policy's step for {where} is not finite")
-            if "x_prev" in state:
-                state["x_prev2"] = state["x_prev"]
-            state["x_prev"] = x.clone()
-            state["g_prev"] = g.clone()
-            state["f_prev"] = ft.clone()
+            if mem is not None:
+                state.update({f"feat.{k}": v for k, v in mem.items()})
+            else:
+                if "x_prev" in state:
+                    state["x_prev2"] = state["x_prev"]
+                state["x_prev"] = x.clone()
+                state["g_prev"] = g.clone()
+                state["f_prev"] = ft.clone()
             p.add_(delta.view_as(p))
             state["step"] += 1
         return loss
@@ -163,6 +174,22 @@ class PredictedStepDescent(torch.optim.Optimizer):
             h[s:e] = new.h
             c[s:e] = new.c
         return delta
+
+
+def _features_of(path: Path, net: dict[str, Tensor], meta: dict[str, Any]) -> FeatureSet | None:
+    """The feature set a policy checkpoint was trained on (None: the paper's Ψ); its observation
+    size must match ω's input."""
+    name = meta.get("features", "paper2017")
+    if not isinstance(name, str):
+        raise CheckpointError(f"checkpoint {path}: metadata 'features' must be a string, got {name!r}")
+    try:
+        features = get_feature_set(name)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    if input_size(net) != features.obs_dim:
+        raise CheckpointError(f"checkpoint {path}: ω reads {input_size(net)} features but its feature set "
+                              f"{name!r} has {features.obs_dim}")
+    return None if name == "paper2017" else features
 
 
 def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:

@@ -1,0 +1,58 @@
+"""PSD with the scale-free feature set: the checkpoint names its features and the optimizer builds
+that Ψ online, equal to the offline features; zero losses are fine; a mismatch is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2o.checkpoint import CheckpointError
+from l2o.features.scale_free import ScaleFreeFeatures
+from l2o.optim.psd import PredictedStepDescent
+from l2o.policies import psd_lstm
+
+
+def _policy(tmp_path, features: str = "scale-free", inputs: int = ScaleFreeFeatures.obs_dim):
+    net = psd_lstm.init_net(3, hidden_size=16, dtype=torch.float64, input_size=inputs)
+    net["W_out"] = torch.randn(1, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net["out_scale"] = torch.tensor([1e-2], dtype=torch.float64)
+    return psd_lstm.save_policy(tmp_path / "p.safetensors", net, {"features": features}), net
+
+
+def test_steps_equal_the_policy_on_offline_scale_free_features(tmp_path):
+    path, net = _policy(tmp_path)
+    net = {k: v.to(torch.float32) for k, v in net.items()}
+    w = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+    opt = PredictedStepDescent([w], checkpoint=path)
+    feats, mem = ScaleFreeFeatures(), None
+    hidden = psd_lstm.init_hidden(12, 16)
+    for t in range(6):
+        x = w.detach().reshape(-1).clone()
+        loss = (w.square().sum() - 2.0 * t) if t != 3 else (w.sum() * 0.0)  # negative, then exactly 0
+        opt.zero_grad()
+        loss.backward()
+        g = w.grad.reshape(-1).clone()
+        mem = feats.init(12, 0) if mem is None else mem
+        _, obs, mem = feats.step(mem, t, x, g, loss.detach())
+        expected, hidden = psd_lstm.step(net, hidden, obs)
+        opt.step(loss=loss)
+        torch.testing.assert_close(w.detach().reshape(-1) - x, expected, rtol=1e-5, atol=1e-7)
+    # state_dict round trip gives the same next step
+    other = torch.nn.Parameter(w.detach().clone())
+    opt2 = PredictedStepDescent([other], checkpoint=path)
+    opt2.load_state_dict(opt.state_dict())
+    for p, o in ((w, opt), (other, opt2)):
+        o.zero_grad()
+        loss = p.square().sum()
+        loss.backward()
+        o.step(loss=loss)
+    torch.testing.assert_close(w.detach(), other.detach(), rtol=0, atol=0)
+
+
+def test_a_checkpoint_whose_features_do_not_fit_its_weights_is_refused(tmp_path):
+    path, _ = _policy(tmp_path, features="scale-free", inputs=3)
+    with pytest.raises(CheckpointError, match="reads 3 features"):
+        PredictedStepDescent([torch.nn.Parameter(torch.zeros(2))], checkpoint=path)
+    path, _ = _policy(tmp_path, features="bogus")
+    with pytest.raises(CheckpointError, match="unknown feature set"):
+        PredictedStepDescent([torch.nn.Parameter(torch.zeros(2))], checkpoint=path)
