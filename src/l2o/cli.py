@@ -16,9 +16,31 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--iterations 0`` is a usage error, not an empty run)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _usable_out(path: Path) -> Path:
+    """An output folder that exists or can be created; otherwise a one-line ``ValueError``."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot create the folder ({e.strerror or e})") from e
+    return path
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR; see `l2o data`)")
-    p.add_argument("--jobs", type=int, default=None, help="parallel worker processes (default: CPU count)")
+    p.add_argument("--jobs", type=positive_int, default=None, help="parallel worker processes (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -54,6 +76,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         print("l2o benchmark: give --tasks, --preset or --config", file=sys.stderr)
         return 2
     config = BenchmarkConfig.from_dict(cfg)
+    for what in ("tasks", "optimizers"):
+        given = [cfg[what]] if isinstance(cfg.get(what), str) else list(cfg.get(what) or [])
+        if what == "tasks":
+            from l2o.tasks.registry import expand_task_specs
+
+            given = expand_task_specs(given)
+        if len(given) > len(getattr(config, what)):
+            print(f"note: repeated {what} ignored (each runs once): "
+                  f"{sorted({x for x in given if given.count(x) > 1})}", file=sys.stderr)
     out = Path(args.out or f"runs/{args.preset or 'benchmark'}")
     report = run_benchmark(config, out, progress=not args.quiet)
     print(report.files["markdown"].read_text())
@@ -72,16 +103,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
         cfg.update(load_config_file(Path(args.config)))
     _merge(cfg, args, ("task", "optimizers", "seeds", "iterations", "criterion"))
     config = TuningConfig.from_dict(cfg)
-    tuned = tune(config, Path(args.out), progress=not args.quiet)
-    target = Path(args.write) if args.write else default_tuned_path()
+    out = _usable_out(Path(args.out))
+    target = Path(args.write) if args.write else out / "tuned.json"
+    if target.resolve() == default_tuned_path().resolve() and not args.write:
+        raise ValueError("refusing to overwrite the packaged tuned settings without --write")
+    tuned = tune(config, out, progress=not args.quiet)
     tuned.save(target)
     print(format_tuned(tuned))
     print(f"\nwritten: {target}")
+    if target.resolve() != default_tuned_path().resolve():
+        print(f"use it with: l2o benchmark --tuned {target} ...  (the packaged settings, {default_tuned_path()}, "
+              f"are unchanged; --write {default_tuned_path()} replaces them)")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from l2o.data import DatasetError, data_search_path, dataset_names, load_dataset
+
+    from l2o.data.base import DataNotFoundError
 
     print("search path:", ", ".join(str(p) for p in data_search_path(args.data_dir)))
     status = 0
@@ -89,10 +128,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         try:
             ds = load_dataset(name, split="train", data_dir=args.data_dir, progress=not args.quiet, download=args.download)
             print(f"  {name:16s} ok   {ds.description}")
-        except DatasetError as e:
+        except DataNotFoundError as e:  # absent: fine unless it was asked for by name
             first = str(e).splitlines()[0]
             print(f"  {name:16s} --   {first}")
             status = 1 if args.names else status
+        except DatasetError as e:  # found but corrupt or failing its checksum: always a failure
+            first = str(e).splitlines()[0]
+            print(f"  {name:16s} BAD  {first}")
+            status = 1
+    if status:
+        print("some datasets are missing or failed verification (see above)", file=sys.stderr)
     return status
 
 
@@ -202,7 +247,26 @@ META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd, "gps2016": _met
 """``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
 
 
+META_TRAIN_FLAGS = {"l2l": {"episodes", "data_dir"}, "psd": {"iterations", "data_dir"}, "gps2016": {"iterations"},
+                    "mlp-lopt": {"iterations", "data_dir"}}
+"""Which of the optional meta-train flags each method uses (any other given is an error)."""
+
+
 def cmd_meta_train(args: argparse.Namespace) -> int:
+    allowed = META_TRAIN_FLAGS.get(args.method)
+    if allowed is not None:
+        for flag in ("episodes", "iterations", "data_dir"):
+            if getattr(args, flag, None) is not None and flag not in allowed:
+                raise ValueError(f"--{flag.replace('_', '-')} does not apply to meta-train {args.method} "
+                                 f"(it takes {', '.join('--' + f.replace('_', '-') for f in sorted(allowed))})")
+    if allowed is not None:
+        out = Path(args.out or f"runs/meta-train-{args.method}")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if not args.resume and out.is_dir() and any(out.glob("*.safetensors")):
+            raise ValueError(f"--out {out} already holds a meta-training run: pass --resume to continue it, "
+                             "or choose another --out")
+        _usable_out(out)
     try:
         return META_TRAINERS[args.method](args)
     except KeyboardInterrupt:
@@ -246,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="TOML/JSON file with BenchmarkConfig fields")
     b.add_argument("--tasks", nargs="+", help="task specs, e.g. mnist:48-48:b64; ranges like logreg/test/0-99 expand")
     b.add_argument("--optimizers", nargs="+", help="optimizer specs, e.g. adam or adam:lr=0.001 (default: the 7 tuned baselines)")
-    b.add_argument("--seeds", type=int)
-    b.add_argument("--iterations", type=int)
+    b.add_argument("--seeds", type=positive_int)
+    b.add_argument("--iterations", type=positive_int)
     b.add_argument("--tuned", help="tuned-settings file (default: the one shipped with l2o)")
     b.add_argument("--title")
     b.add_argument("--out", help="output folder (default runs/<preset>); rerunning resumes")
@@ -258,11 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML/JSON file with TuningConfig fields")
     t.add_argument("--task", nargs="+", help="task spec(s) to tune on; ranges like logreg/train/0-89 expand")
     t.add_argument("--optimizers", nargs="+")
-    t.add_argument("--seeds", type=int)
-    t.add_argument("--iterations", type=int)
+    t.add_argument("--seeds", type=positive_int)
+    t.add_argument("--iterations", type=positive_int)
     t.add_argument("--criterion", choices=["auc", "final"])
     t.add_argument("--out", default="runs/tuning", help="folder for the grid's run records (resumable)")
-    t.add_argument("--write", help="where to write the tuned settings (default: the packaged tuned.json)")
+    t.add_argument("--write", help="where to write the tuned settings (default OUT/tuned.json; the packaged "
+                   "l2o/baselines/tuned.json is replaced only when named here)")
     _add_common(t)
     t.set_defaults(func=cmd_tune)
 
@@ -278,15 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--config", help="TOML/JSON file with the method's config fields, e.g. configs/l2l.toml")
     mt.add_argument("--out", help="output folder (default runs/meta-train-METHOD)")
     mt.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    mt.add_argument("--episodes", type=int, help="l2l: override the config's number of episodes")
-    mt.add_argument("--iterations", type=int, help="psd, gps2016: override the config's number of GPS iterations; mlp-lopt: of PES outer steps")
-    mt.add_argument("--data-dir", default=None, help="dataset root (also env L2O_DATA_DIR)")
+    mt.add_argument("--episodes", type=positive_int, help="l2l: override the config's number of episodes")
+    mt.add_argument("--iterations", type=positive_int, help="psd, gps2016: override the config's number of GPS iterations; mlp-lopt: of PES outer steps")
+    mt.add_argument("--data-dir", default=None, help="l2l, psd: dataset root (also env L2O_DATA_DIR)")
     mt.add_argument("--quiet", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)
 
     rp = sub.add_parser("reproduce", help="regenerate the 2017 paper's Figures 1-5 and table (resumable)")
     rp.add_argument("--quick", action="store_true", help="same code on a small grid (bundled digits, T/40, 2 seeds)")
-    rp.add_argument("--seeds", type=int, help="seeds per cell (default 5; 2 with --quick)")
+    rp.add_argument("--seeds", type=positive_int, help="seeds per cell (default 5; 2 with --quick)")
     rp.add_argument("--out", help="folder for run records and outputs (default runs/reproduce[-quick]); rerunning resumes")
     rp.add_argument("--doc", help="document to write (default docs/REPRODUCTION.md; with --quick OUT/REPRODUCTION.md)")
     rp.add_argument("--skip-missing", action="store_true",
@@ -309,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, DatasetError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            DatasetError) as e:
         print(f"l2o {args.command}: error: {e}", file=sys.stderr)
         return 2
 

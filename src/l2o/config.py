@@ -47,13 +47,24 @@ def read_config_file(path: str | os.PathLike, overrides: dict[str, Any] | None =
     import json
 
     path = Path(path)
-    if path.suffix == ".json":
-        d = json.loads(path.read_text())
-    else:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        d = tomllib.loads(path.read_text())
+    if not path.is_file():
+        raise ValueError(f"config {path} is {'a directory' if path.is_dir() else 'not found'}: give a TOML or JSON file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config {path} cannot be read: {e}") from e
+    try:
+        if path.suffix == ".json":
+            d = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            d = tomllib.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"config {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"config {path} must hold a table of fields, got {type(d).__name__}")
     d.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return d

@@ -62,6 +62,8 @@ class OptimizerSpec:
         unknown = set(hp) - allowed
         if unknown:
             raise ValueError(f"optimizer {name!r}: unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(allowed)}")
+        for key, value in hp.items():
+            _check_value(name, entry, key, value)
         return cls(name, tuple(sorted(hp.items())))
 
     @property
@@ -80,6 +82,27 @@ class OptimizerSpec:
     @property
     def display(self) -> str:
         return get_optimizer(self.name).display
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _string_valued(entry: OptimizerEntry, key: str) -> bool:
+    known = [entry.defaults[key]] if key in entry.defaults else list(entry.grid.get(key, ()))
+    return bool(known) and not all(_is_number(v) for v in known)
+
+
+def _check_value(name: str, entry: OptimizerEntry, key: str, value: Any) -> None:
+    """A hyperparameter whose default or grid is numeric (and every ``accepts`` one) must be a
+    finite number; one whose default is a string must be a string."""
+    import math
+
+    numeric = not _string_valued(entry, key)
+    if numeric and not (_is_number(value) and math.isfinite(value)):
+        raise ValueError(f"optimizer {name!r}: hyperparameter {key} must be a finite number, got {value!r}")
+    if not numeric and not isinstance(value, str):
+        raise ValueError(f"optimizer {name!r}: hyperparameter {key} must be a string, got {value!r}")
 
 
 def _fmt(v: Any) -> str:
@@ -105,11 +128,15 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         raise ValueError(f"cannot parse optimizer {text!r}: expected NAME or NAME:KEY=VALUE,...")
     hp: dict[str, Any] = {}
     if m["hp"]:
+        entry = get_optimizer(m["name"])
         for item in m["hp"].split(","):
             if "=" not in item:
                 raise ValueError(f"optimizer {text!r}: hyperparameter {item!r} is not KEY=VALUE")
             k, v = item.split("=", 1)
-            hp[k.strip()] = _parse_value(v.strip())
+            k, v = k.strip(), v.strip()
+            if k in hp:
+                raise ValueError(f"optimizer {text!r}: hyperparameter {k} is given twice")
+            hp[k] = v if _string_valued(entry, k) else _parse_value(v)  # e.g. a file name stays text
     return OptimizerSpec.make(m["name"], hp)
 
 

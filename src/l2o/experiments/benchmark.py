@@ -13,7 +13,8 @@ import multiprocessing as mp
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class BenchmarkConfig:
     seed_offset: int = 0
 
     def __post_init__(self) -> None:
+        # A repeated task or optimizer would run (and count) the same runs twice: keep the first.
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(self.tasks)))
+        object.__setattr__(self, "optimizers", tuple(dict.fromkeys(self.optimizers)))
         if not self.tasks:
             raise ValueError("benchmark needs at least one task")
         if not self.optimizers:
@@ -108,6 +112,10 @@ class BenchmarkConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        from l2o.tasks.registry import parse_task
+
+        for t in self.tasks:
+            parse_task(t)  # a clear error now, not in a worker process
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchmarkConfig:
@@ -124,7 +132,8 @@ class BenchmarkConfig:
         return cls(**d)
 
     def specs(self) -> list[OptimizerSpec]:
-        """Resolve optimizer strings, filling tuned hyperparameters for bare baseline names."""
+        """Resolve optimizer strings, filling tuned hyperparameters for bare baseline names; a spec
+        that resolves to one already listed (``adam`` and its tuned ``adam:lr=...``) is dropped."""
         from l2o.baselines.tuned import load_tuned
 
         tuned = None
@@ -137,8 +146,14 @@ class BenchmarkConfig:
                 if not get_optimizer(spec.name).learned:
                     tuned = tuned or load_tuned(self.tuned)
                     spec = tuned.spec(spec.name)
-            out.append(spec)
+            if spec not in out:
+                out.append(spec)
         return out
+
+    def run_definition(self) -> dict[str, Any]:
+        """What determines the set of runs (recorded per output folder; a rerun must match it)."""
+        return {"tasks": list(self.tasks), "optimizers": [str(s) for s in self.specs()], "seeds": self.seeds,
+                "iterations": self.iterations, "seed_offset": self.seed_offset}
 
     def keys(self) -> list[RunKey]:
         specs = self.specs()
@@ -160,10 +175,90 @@ def environment() -> dict[str, str]:
             "machine": platform.machine(), "cpus": str(os.cpu_count())}
 
 
-def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> BenchmarkReport:
-    """Run (or resume) the benchmark and write summary tables, the figure and a manifest."""
+RECORD_NAME = "benchmark-config.json"
+"""The run definition recorded in an output folder by its first benchmark."""
+LOCK_NAME = ".lock"
+
+
+class OutputFolderError(ValueError):
+    """An output folder is in use by another benchmark, or holds a different benchmark."""
+
+
+@contextmanager
+def locked_output(out: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``out`` (``OUT/.lock``, released when the process ends, even by
+    kill -9); a second benchmark on the same folder fails at once with :class:`OutputFolderError`."""
     out = Path(out)
-    keys = config.keys()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_NAME, "a+")  # noqa: SIM115
+    except OSError as e:
+        raise OutputFolderError(f"cannot use {out} as the output folder: {e.strerror or e}") from e
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputFolderError(f"{out} is in use by another benchmark (it holds {out / LOCK_NAME}); "
+                                        "wait for it to finish or choose another --out") from None
+        yield out
+    finally:
+        f.close()
+
+
+def check_recorded_config(config: BenchmarkConfig, out: Path) -> None:
+    """Record ``config``'s run definition in ``out`` the first time; on a rerun it must match, so
+    that ``summary.*`` always describe exactly the run files of one benchmark."""
+    mine = config.run_definition()
+    path = Path(out) / RECORD_NAME
+    theirs: dict[str, Any] | None = None
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise OutputFolderError(f"{path} is unreadable ({e}); delete it or choose another --out") from e
+    elif (Path(out) / "benchmark.json").exists():  # written before the record existed
+        try:
+            old = json.loads((Path(out) / "benchmark.json").read_text())
+            theirs = {**{k: old["config"][k] for k in ("tasks", "seeds", "iterations", "seed_offset")},
+                      "optimizers": old["resolved_optimizers"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            theirs = None
+    if theirs is None:
+        write_json_atomic(path, mine)
+        return
+    def same(k: str) -> bool:  # the order of tasks and optimizers does not change the runs
+        a, b = theirs.get(k), mine[k]
+        return sorted(a) == sorted(b) if k in ("tasks", "optimizers") and isinstance(a, list) else a == b
+
+    diff = [k for k in mine if not same(k)]
+    if diff:
+        def show(v: Any) -> str:
+            text = json.dumps(v)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        detail = "; ".join(f"{k}: {show(theirs.get(k))} there, {show(mine[k])} now" for k in diff)
+        raise OutputFolderError(f"{out} holds a benchmark with a different configuration ({detail}); rerun with "
+                                "the same settings to resume it, or choose another --out")
+
+
+def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> BenchmarkReport:
+    """Run (or resume) the benchmark and write summary tables, the figure and a manifest.
+
+    The output folder is locked for the duration and records the run definition: a concurrent
+    benchmark, or a rerun with different tasks/optimizers/seeds/iterations, raises
+    :class:`OutputFolderError` before anything is run or written."""
+    keys = config.keys()  # parses every spec before anything touches the disk
+    with locked_output(Path(out)) as out:
+        check_recorded_config(config, out)
+        return _run_benchmark(config, keys, out, progress)
+
+
+def _run_benchmark(config: BenchmarkConfig, keys: list[RunKey], out: Path, progress: bool) -> BenchmarkReport:
     t0 = time.perf_counter()
     results = run_grid(keys, out, config.jobs, config.data_dir, progress, desc="benchmark")
     shown = group_families(results)
@@ -203,13 +298,8 @@ def group_families(results: list[RunResult], threshold: int = GROUP_THRESHOLD) -
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a benchmark/tuning config from TOML or JSON (by suffix)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".json":
-        return json.loads(text)
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib.loads(text)
+    """Read a benchmark/tuning config from TOML or JSON (by suffix); a missing, unreadable or
+    malformed file is a ``ValueError`` naming it."""
+    from l2o.config import read_config_file
+
+    return read_config_file(path)

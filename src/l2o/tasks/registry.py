@@ -62,8 +62,13 @@ def parse_task(spec: str) -> MLPTaskSpec | tuple[str, str, int]:
     )
 
 
+MAX_RANGE = 10_000
+"""Most instances one task range may expand to (a typo like ``0-99999999`` fails at once)."""
+
+
 def expand_task_specs(specs: list[str] | tuple[str, ...]) -> list[str]:
-    """Expand ranges of family instances, ``logreg/test/0-99`` → ``logreg/test/0`` … ``/99``."""
+    """Expand ranges of family instances, ``logreg/test/0-99`` → ``logreg/test/0`` … ``/99``
+    (at most ``MAX_RANGE`` instances per range)."""
     out: list[str] = []
     for spec in specs:
         m = _RANGE_RE.match(spec)
@@ -71,6 +76,8 @@ def expand_task_specs(specs: list[str] | tuple[str, ...]) -> list[str]:
             lo, hi = int(m["lo"]), int(m["hi"])
             if hi < lo:
                 raise ValueError(f"task range {spec!r} is empty")
+            if hi - lo + 1 > MAX_RANGE:
+                raise ValueError(f"task range {spec!r} has {hi - lo + 1} instances; at most {MAX_RANGE} per range")
             out += [f"{m['prefix']}/{i}" for i in range(lo, hi + 1)]
         else:
             out.append(spec)
