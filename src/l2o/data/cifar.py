@@ -90,9 +90,38 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not allowed")
 
 
+MAX_PICKLE_OPS = 1_000_000
+"""Most opcodes a CIFAR pickle may hold (an official batch has about 30,000)."""
+MAX_MEMO_INDEX = 1_000_000
+"""Largest memo slot a CIFAR pickle may name (the unpickler sizes its memo table by it)."""
+
+
+def _prescan(data: bytes, path: Path) -> None:
+    """Walk the opcodes without executing any: refuse absurd opcode counts and memo indices
+    before the unpickler allocates anything for them."""
+    import pickletools
+
+    count = 0
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            count += 1
+            if count > MAX_PICKLE_OPS:
+                raise CorruptDataError(f"{path}: pickle has more than {MAX_PICKLE_OPS} opcodes (not a CIFAR batch)")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and int(arg) > MAX_MEMO_INDEX:
+                raise CorruptDataError(f"{path}: pickle uses memo slot {arg} (not a CIFAR batch)")
+            if op.name == "STOP":
+                return
+    except CorruptDataError:
+        raise
+    except Exception as exc:
+        raise CorruptDataError(f"{path}: unsafe or damaged pickle: {exc}") from exc
+
+
 def safe_unpickle(data: bytes, path: Path) -> Any:
     """Unpickle ``data`` (bytes-encoded strings, as the official Python 2 files need) with
-    :class:`RestrictedUnpickler`; every failure becomes CorruptDataError naming ``path``."""
+    :class:`RestrictedUnpickler`, after an opcode scan (:func:`_prescan`); every failure
+    becomes CorruptDataError naming ``path``."""
+    _prescan(data, path)
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # any exception a hostile or damaged pickle can provoke
@@ -177,14 +206,19 @@ def parse_python(
             raw = _get(obj, key)
         except KeyError:
             raise CorruptDataError(f"{path}: pickled dict has no {key!r} entry") from None
+        # Check the length and the element types *before* converting: nested lists of shared
+        # references (a few KB of pickle) would expand to gigabytes inside np.asarray.
+        if isinstance(raw, np.ndarray):
+            if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
+                raise CorruptDataError(f"{path}: {key!r} must be a list of integers")
+        elif not isinstance(raw, (list, tuple)) or not all(type(v) is int for v in raw):
+            raise CorruptDataError(f"{path}: {key!r} must be a list of integers")
+        if len(raw) != n:
+            raise CorruptDataError(f"{path}: {n} images but {len(raw)} entries in {key!r}")
         try:
-            labels = np.asarray(raw)
-            if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError
-        except (ValueError, TypeError):
-            raise CorruptDataError(f"{path}: {key!r} must be a list of integers") from None
-        if len(labels) != n:
-            raise CorruptDataError(f"{path}: {n} images but {len(labels)} entries in {key!r}")
+            labels = np.asarray(raw, dtype=np.int64)
+        except OverflowError:
+            raise CorruptDataError(f"{path}: {key!r} holds integers out of range") from None
         _check_range(labels, limit, path, key)
         result.append(labels.astype(np.int64))
     images = pixels.reshape(n, 3, 32, 32).copy()

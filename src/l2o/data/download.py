@@ -122,10 +122,18 @@ def fetch(
 
 
 def _gunzip_md5(path: Path) -> str | None:
+    """MD5 of the decompressed content, streamed; None if damaged or larger than the cap on a
+    data file's decompressed size (a gzip bomb is not decompressed to the end)."""
+    from .idx import MAX_DECOMPRESSED
+
     h = hashlib.md5()
+    total = 0
     try:
         with gzip.open(path, "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
+                total += len(chunk)
+                if total > MAX_DECOMPRESSED:
+                    return None
                 h.update(chunk)
     except (OSError, EOFError, zlib.error):
         return None

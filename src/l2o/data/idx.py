@@ -8,7 +8,6 @@ Official digests are applied per :mod:`l2o.data.checksums`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import struct
 import zlib
@@ -36,18 +35,51 @@ IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
 
 
+MAX_DECOMPRESSED = 256 * 2**20
+"""Most bytes a ``.gz`` data file may decompress to (the largest official IDX file, MNIST's
+training images, is 47 MB): a gzip bomb is refused instead of filling memory."""
+
+
+def gunzip_bounded(raw: bytes, path: Path, limit: int | None = None) -> bytes:
+    """Decompress gzip ``raw`` (one or more members) to at most ``limit`` bytes (default
+    ``MAX_DECOMPRESSED``). The size in the gzip trailer is checked against the limit before
+    anything is decompressed, and the stream is cut at the limit whatever the trailer says.
+    Damaged, truncated or oversized input raises CorruptDataError naming the file."""
+    limit = MAX_DECOMPRESSED if limit is None else limit
+    if len(raw) < 18 or raw[:2] != b"\x1f\x8b":
+        raise CorruptDataError(f"{path}: not a gzip file")
+    stated = int.from_bytes(raw[-4:], "little")  # ISIZE of the (last) member, mod 2**32
+    if stated > limit:
+        raise CorruptDataError(f"{path}: damaged, truncated or oversized gzip file (its trailer says it "
+                               f"decompresses to {stated} bytes, more than the {limit} allowed for a data file)")
+    out = bytearray()
+    data = raw
+    try:
+        while True:
+            d = zlib.decompressobj(wbits=31)
+            out += d.decompress(data, limit - len(out) + 1)
+            if len(out) > limit or d.unconsumed_tail:
+                raise CorruptDataError(f"{path}: decompresses to more than the {limit} bytes allowed for a data "
+                                       f"file (its trailer says {stated})")
+            if not d.eof:
+                raise CorruptDataError(f"{path}: damaged or truncated gzip file (stream ends early)")
+            data = d.unused_data
+            if not data.strip(b"\0"):  # end, or zero padding after the last member
+                return bytes(out)
+    except zlib.error as exc:
+        raise CorruptDataError(f"{path}: damaged or truncated gzip file ({exc})") from exc
+
+
 def read_idx_file(path: Path) -> tuple[bytes, bytes]:
     """Return ``(file bytes, content bytes)``; the content is decompressed for ``.gz`` names.
 
-    A damaged or truncated gzip stream raises CorruptDataError naming the file.
+    A damaged, truncated or oversized gzip stream raises CorruptDataError naming the file
+    (see :func:`gunzip_bounded`).
     """
     raw = read_bytes(path)
     if not path.name.endswith(".gz"):
         return raw, raw
-    try:
-        return raw, gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise CorruptDataError(f"{path}: damaged or truncated gzip file ({exc})") from exc
+    return raw, gunzip_bounded(raw, path)
 
 
 def _header(content: bytes, path: Path, magic: int, ndim: int) -> tuple[int, ...]:
