@@ -1,6 +1,7 @@
 """Figures in the style of the paper's Figures 1–5: true objective vs iteration, one panel per task,
 one line per optimizer (mean over seeds) with a shaded 95% interval. Diverged runs end their line
-where they diverged and are marked ✕ in the legend count."""
+where they diverged and are marked ✕ in the legend count. A panel whose curves span more than a
+decade (all positive) gets a logarithmic objective axis (:func:`objective_scale`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,20 @@ def _curves(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.arange(y.shape[1]), mean, np.nan_to_num(half)
 
 
+LOG_SPAN = 10.0
+"""A panel's objective axis is logarithmic when its curves span more than this factor."""
+
+
+def objective_scale(curves: Iterable[np.ndarray]) -> str:
+    """``"log"`` when the finite values of the mean curves are all positive and span more than a
+    decade (max/min > ``LOG_SPAN``), else ``"linear"`` (a log axis cannot show 0 or negatives)."""
+    finite = [c[np.isfinite(c)] for c in curves]
+    values = np.concatenate(finite) if finite else np.array([])
+    if values.size == 0 or values.min() <= 0:
+        return "linear"
+    return "log" if values.max() / values.min() > LOG_SPAN else "linear"
+
+
 def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None = None,
                    labels: dict[str, str] | None = None) -> Path:
     """Write the figure to ``path`` (format from the suffix) and return it."""
@@ -44,7 +59,7 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
     optimizers = list(dict.fromkeys(r.optimizer for r in results))
     colour = {o: cmap(i % 10) for i, o in enumerate(optimizers)}
     for ax, task in zip(axes.flat, tasks, strict=False):
-        ys_lo, ys_hi = [], []
+        ys_lo, ys_hi, means = [], [], []
         for opt in optimizers:
             runs = [r for r in results if r.task == task and r.optimizer == opt]
             if not runs:
@@ -54,17 +69,23 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
             name = (labels or {}).get(opt, opt) + (f" (✕ {div}/{len(runs)} diverged)" if div else "")
             ax.plot(x, mean, color=colour[opt], lw=1.4, label=name)
             ax.fill_between(x, mean - half, mean + half, color=colour[opt], alpha=0.2, lw=0)
+            means.append(mean)
             finite = mean[np.isfinite(mean)]
             if finite.size:
                 ys_lo.append(finite.min())
                 ys_hi.append(finite[0])
-        if ys_lo:
+        scale = objective_scale(means)
+        if scale == "log":  # e.g. 2.5 down to 0.001: on a linear axis every curve lies flat near 0
+            ax.set_yscale("log")
+            shown = np.concatenate([m[np.isfinite(m)] for m in means])
+            ax.set_ylim(shown.min() / 1.5, shown.max() * 1.5)
+        elif ys_lo:
             lo, hi = min(ys_lo), max(ys_hi)
             pad = 0.05 * (hi - lo if hi > lo else 1.0)
             ax.set_ylim(max(0.0, lo - pad), hi + 4 * pad)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("iteration")
-        ax.set_ylabel("true objective f(x)")
+        ax.set_ylabel("true objective f(x)" + (" (log scale)" if scale == "log" else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(tasks):]:
