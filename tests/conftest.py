@@ -15,15 +15,36 @@ from l2o.tasks import MLPClassifierTask, project
 # tests spawn worker processes.
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(os.environ.get("L2O_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def shared_data_or_skip(sub: str) -> Path:
-    """The shared real copy of a dataset folder, or skip the test saying why."""
-    p = SHARED_DATA / sub
-    if not p.exists():
-        pytest.skip(f"real dataset copy not present at {p} (set L2O_SHARED_DATA)")
-    return p
+def _real_data_dir() -> Path | None:
+    """The real-data root the tests use: the first existing entry of $L2O_DATA_DIR (what the
+    library itself reads), read once at import, before any test changes the environment."""
+    for entry in os.environ.get("L2O_DATA_DIR", "").split(os.pathsep):
+        if entry and Path(entry).is_dir():
+            return Path(entry)
+    return None
+
+
+SHARED_DATA = _real_data_dir()
+"""Root of the real dataset copies (``.ci/run`` points $L2O_DATA_DIR at ``../shared/data``)."""
+REQUIRE_REAL_DATA = os.environ.get("L2O_REQUIRE_REAL_DATA", "") not in ("", "0")
+"""Set by ``.ci/run``: a missing real dataset fails the test instead of skipping it."""
+
+
+def shared_data_or_skip(*parts: str) -> Path:
+    """The real copy of a dataset file or folder under $L2O_DATA_DIR, or skip the test saying
+    why (fail instead when $L2O_REQUIRE_REAL_DATA is set, as in CI)."""
+    if SHARED_DATA is None:
+        reason = "no real-data folder: set L2O_DATA_DIR to it (.ci/run sets it to ../shared/data)"
+    else:
+        p = SHARED_DATA.joinpath(*parts)
+        if p.exists():
+            return p
+        reason = f"real dataset copy not present at {p}"
+    if REQUIRE_REAL_DATA:
+        pytest.fail(reason + " (L2O_REQUIRE_REAL_DATA is set)")
+    pytest.skip(reason)
 
 
 def tiny_mlp_task(n: int = 200, pixels: int = 30, dim: int = 6, hidden: int = 5, classes: int = 3,

@@ -1,11 +1,11 @@
-"""Against the real dataset copies of the shared folder (see its README.md) and, if installed,
-Debian's dataset-fashion-mnist. Skipped, with the reason, where those copies are absent."""
+"""Against the real dataset copies in $L2O_DATA_DIR (.ci/run points it at ../shared/data; see its
+README.md) and, if installed, Debian's dataset-fashion-mnist. Skipped, with the reason, where
+those copies are absent; failed instead when $L2O_REQUIRE_REAL_DATA is set (as in CI)."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -13,29 +13,24 @@ import numpy as np
 import pytest
 
 from l2o.data import ChecksumError, load_dataset
+from tests.conftest import SHARED_DATA, shared_data_or_skip
 
-# $L2O_SHARED_DATA, else the shared folder beside the repository checkout (<repo>/../shared/data).
-SHARED = Path(
-    os.environ.get("L2O_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
-)
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-pytestmark = pytest.mark.skipif(
-    not (SHARED / "README.md").is_file(),
-    reason=f"shared real-data folder not found at {SHARED} (set L2O_SHARED_DATA to point at it)",
-)
 
 
 def _need(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path
+    """The file under $L2O_DATA_DIR (skip, or in CI fail, when it is absent)."""
+    return shared_data_or_skip(*parts)
+
+
+def _root() -> Path:
+    assert SHARED_DATA is not None
+    return SHARED_DATA
 
 
 def test_mnist_train_full_and_verified():
     _need("mnist", "train-images-idx3-ubyte.gz")
-    ds = load_dataset("mnist", "train", data_dir=SHARED)
+    ds = load_dataset("mnist", "train", data_dir=_root())
     assert ds.images.shape == (60000, 28, 28) and ds.images.dtype == np.uint8
     assert np.bincount(ds.labels).tolist() == [
         5923,
@@ -56,7 +51,7 @@ def test_mnist_train_full_and_verified():
 
 def test_mnist_t10k():
     _need("mnist", "t10k-images-idx3-ubyte.gz")
-    ds = load_dataset("mnist", "test", data_dir=SHARED)
+    ds = load_dataset("mnist", "test", data_dir=_root())
     assert ds.images.shape == (10000, 28, 28) and not ds.is_subset
     assert "MD5-verified" in ds.description
 
@@ -82,7 +77,7 @@ def test_real_digests_catch_tampered_and_accept_recompressed(tmp_path):
 
 def test_cifar10_subset():
     _need("cifar-10-batches-bin", "data_batch_1.bin")
-    ds = load_dataset("cifar10", "train", data_dir=SHARED)
+    ds = load_dataset("cifar10", "train", data_dir=_root())
     assert ds.images.shape == (10000, 3, 32, 32)
     assert np.bincount(ds.labels, minlength=10).tolist() == [1000] * 10
     assert ds.is_subset and "data_batch_1.bin only" in ds.description
@@ -90,20 +85,20 @@ def test_cifar10_subset():
 
 def test_cifar100_subset():
     _need("cifar-100-binary", "train.bin")
-    fine = load_dataset("cifar100", "train", data_dir=SHARED)
+    fine = load_dataset("cifar100", "train", data_dir=_root())
     assert fine.images.shape == (10000, 3, 32, 32) and fine.num_classes == 100
     assert np.bincount(fine.labels, minlength=100).tolist() == [100] * 100
     assert fine.is_subset
-    coarse = load_dataset("cifar100-coarse", "train", data_dir=SHARED)
+    coarse = load_dataset("cifar100-coarse", "train", data_dir=_root())
     assert np.bincount(coarse.labels, minlength=20).tolist() == [500] * 20
 
 
 def test_fer2013_and_faces():
     _need("fer2013", "fer2013.csv")
-    ds = load_dataset("fer2013", "train", data_dir=SHARED)
+    ds = load_dataset("fer2013", "train", data_dir=_root())
     assert ds.images.shape == (3300, 48, 48) and ds.num_classes == 7
     assert set(np.unique(ds.labels)) == set(range(7)) and ds.is_subset
-    faces = load_dataset("faces", "train", data_dir=SHARED)
+    faces = load_dataset("faces", "train", data_dir=_root())
     assert faces.name == "fer2013" and "FER2013 (3,300-image TFD stand-in)" in faces.description
     np.testing.assert_array_equal(faces.labels, ds.labels)
 
