@@ -262,3 +262,23 @@ def test_shape_errors(rp) -> None:
     dyn, cost = rp.dynamics(5, 2, 1, g), rp.cost(4, 2, 1, g)
     with pytest.raises(ValueError, match="transitions"):
         backward(dyn, cost)
+
+
+@pytest.mark.parametrize("nu_kind", ["none", "constant", "time-varying"])
+def test_the_dual_search_solver_equals_solve_fixed_eta_bitwise(rp, nu_kind: str) -> None:
+    """The trust-region search builds the η-independent cost terms once; for every η its ψ must be
+    bitwise the ψ of :func:`solve_fixed_eta` (which rebuilds everything), so results are unchanged."""
+    from l2o.gps.lqg import _FixedEtaSolver
+
+    dyn, cost, old, _, _ = _tr_problem(rp, 38)
+    g = torch.Generator().manual_seed(1)
+    T, D, d = 12, 3, 2
+    pi_fit = rp.policy(T, D, d, g, gain=0.1, var=0.5)
+    lam = 0.1 * torch.randn(T, d, dtype=DT, generator=g)
+    nu = {"none": None, "constant": 0.3, "time-varying": torch.logspace(-2, 0, T, dtype=DT)}[nu_kind]
+    solver = _FixedEtaSolver(dyn, cost, old, lam, nu, pi_fit if nu is not None else None, None)
+    for eta in (1e-6, 0.37, 5.0, 1e4):
+        a, _ = solver(eta)
+        b, _ = solve_fixed_eta(dyn, cost, old, eta, lambda_=lam, nu=nu, pi_fit=pi_fit if nu is not None else None)
+        for x, y in ((a.K, b.K), (a.k, b.k), (a.cov, b.cov)):
+            assert torch.equal(x, y)

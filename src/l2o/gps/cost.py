@@ -57,6 +57,15 @@ class QuadraticCost:
         object.__setattr__(self, "h", h)
         object.__setattr__(self, "dim_s", int(self.dim_s))
 
+    @classmethod
+    def _unchecked(cls, C: Tensor, d: Tensor, h: Tensor, dim_s: int) -> QuadraticCost:
+        """Build from parts known to be valid (sums and scalings of validated costs): skips the
+        finiteness and symmetry checks, which dominated the LQG dual's time on large states."""
+        obj = object.__new__(cls)
+        for name, value in (("C", C), ("d", d), ("h", h), ("dim_s", int(dim_s))):
+            object.__setattr__(obj, name, value)
+        return obj
+
     @property
     def T(self) -> int:
         return self.C.shape[0]
@@ -100,13 +109,13 @@ class QuadraticCost:
             return NotImplemented
         if (self.T, self.n, self.dim_s) != (other.T, other.n, other.dim_s):
             raise ValueError("cannot add costs of different shapes")
-        return QuadraticCost(self.C + other.C, self.d + other.d, self.h + other.h, self.dim_s)
+        return QuadraticCost._unchecked(self.C + other.C, self.d + other.d, self.h + other.h, self.dim_s)
 
     def scale(self, alpha: Tensor | float) -> QuadraticCost:
         """α_t c̃_t; α a scalar or [T]."""
         a = _as64(alpha, "alpha")
         a = a.expand(self.T) if a.ndim == 0 else a
-        return QuadraticCost(self.C * a[:, None, None], self.d * a[:, None], self.h * a, self.dim_s)
+        return QuadraticCost._unchecked(self.C * a[:, None, None], self.d * a[:, None], self.h * a, self.dim_s)
 
     def __call__(self, s: Tensor, a: Tensor, t: int | None = None) -> Tensor:
         """c̃_t(s, a). With ``t``: s [..., D], a [..., d] → [...]; without: [..., T, ·] → [..., T]."""

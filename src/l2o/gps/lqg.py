@@ -160,6 +160,35 @@ def _per_step(x: Tensor | float | None, T: int, name: str) -> Tensor:
     return v.clone()
 
 
+def _check_eta(eta: float) -> float:
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and ≥ 0, got {eta}")
+    return eta
+
+
+def _with_duals(cost: QuadraticCost, lambda_: Tensor | None) -> QuadraticCost:
+    """c̃_t(s, a) − λ_tᵀ a."""
+    if lambda_ is None:
+        return cost
+    T, D, d = cost.T, cost.dim_s, cost.dim_a
+    lam = _as64(lambda_, "lambda_")
+    if lam.shape != (T, d):
+        raise ValueError(f"lambda_ must be [T, d] = {(T, d)}, got {tuple(lam.shape)}")
+    dd = cost.d.clone()
+    dd[:, D:] -= lam
+    return QuadraticCost(cost.C, dd, cost.h, D)
+
+
+def _pi_term(pi_fit: LinearGaussianPolicy | None, nu_t: Tensor) -> QuadraticCost | None:
+    """ν_t · (−log π̂(a|s, t)), or None where every ν_t is 0."""
+    if not bool((nu_t > 0).any()):
+        return None
+    if pi_fit is None:
+        raise ValueError("pi_fit (π̂) is required when ν > 0")
+    return neg_log_policy_cost(pi_fit).scale(nu_t)
+
+
 def augmented_cost(
     cost: QuadraticCost,
     prev_policy: LinearGaussianPolicy | None,
@@ -181,30 +210,19 @@ def augmented_cost(
         nu: BADMM weights ν_t, scalar or [T] (None: 0).
         pi_fit: π̂, the linear-Gaussian fit of π (required where ν_t > 0).
     """
-    T, D, d = cost.T, cost.dim_s, cost.dim_a
-    eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be finite and ≥ 0, got {eta}")
-    nu_t = _per_step(nu, T, "nu")
+    eta = _check_eta(eta)
+    nu_t = _per_step(nu, cost.T, "nu")
     denom = eta + nu_t
     if bool((denom <= 0).any()):
         raise ValueError("η + ν_t must be > 0 for every t (use backward() directly for the raw cost)")
-    total = cost
-    if lambda_ is not None:
-        lam = _as64(lambda_, "lambda_")
-        if lam.shape != (T, d):
-            raise ValueError(f"lambda_ must be [T, d] = {(T, d)}, got {tuple(lam.shape)}")
-        dd = cost.d.clone()
-        dd[:, D:] -= lam
-        total = QuadraticCost(cost.C, dd, cost.h, D)
+    total = _with_duals(cost, lambda_)
     if eta > 0:
         if prev_policy is None:
             raise ValueError("prev_policy (ψ_old) is required when η > 0")
         total = total + neg_log_policy_cost(prev_policy).scale(eta)
-    if bool((nu_t > 0).any()):
-        if pi_fit is None:
-            raise ValueError("pi_fit (π̂) is required when ν > 0")
-        total = total + neg_log_policy_cost(pi_fit).scale(nu_t)
+    pi_term = _pi_term(pi_fit, nu_t)
+    if pi_term is not None:
+        total = total + pi_term
     return total.scale(1.0 / denom) if normalize else total
 
 
@@ -229,10 +247,40 @@ def solve_fixed_eta(
     Lagrangian, while this is. May raise :class:`NotPositiveDefiniteError`.
     """
     num = augmented_cost(cost, prev_policy, eta, lambda_=lambda_, nu=nu, pi_fit=pi_fit, normalize=False)
-    w = float(eta) + _per_step(nu, cost.T, "nu")
+    return _solve_numerator(dynamics, num, float(eta) + _per_step(nu, cost.T, "nu"), group)
+
+
+def _solve_numerator(dynamics: LinearGaussianDynamics, num: QuadraticCost, w: Tensor,
+                     group: Any) -> tuple[LinearGaussianPolicy, ValueFunction]:
+    """backward() on the Lagrangian's numerator with entropy weights w_t = η + ν_t."""
     if bool((w == w[0]).all()):
         return backward(dynamics, num.scale(1.0 / w), group=group)
     return backward(dynamics, num, entropy_weight=w, group=group)
+
+
+class _FixedEtaSolver:
+    """:func:`solve_fixed_eta` for many η with the η-independent parts built once (c̃ − λᵀa,
+    −log ψ_old and ν·(−log π̂)); the dual search evaluates dozens of η. The terms are summed in
+    :func:`augmented_cost`'s order, so the result is bitwise the same."""
+
+    def __init__(self, dynamics: LinearGaussianDynamics, cost: QuadraticCost, prev_policy: LinearGaussianPolicy,
+                 lambda_: Tensor | None, nu: Tensor | float | None, pi_fit: LinearGaussianPolicy | None,
+                 group: Any) -> None:
+        self.nu = _per_step(nu, cost.T, "nu")
+        self.base = _with_duals(cost, lambda_)
+        self.neg_log_old = neg_log_policy_cost(prev_policy)
+        self.pi_term = _pi_term(pi_fit, self.nu)
+        self.dynamics, self.group = dynamics, group
+
+    def __call__(self, eta: float) -> tuple[LinearGaussianPolicy, ValueFunction]:
+        eta = _check_eta(eta)
+        w = eta + self.nu
+        if bool((w <= 0).any()):
+            raise ValueError("η + ν_t must be > 0 for every t (use backward() directly for the raw cost)")
+        total = self.base + self.neg_log_old.scale(eta) if eta > 0 else self.base
+        if self.pi_term is not None:
+            total = total + self.pi_term
+        return _solve_numerator(self.dynamics, total, w, self.group)
 
 
 def expected_cost(
@@ -289,9 +337,10 @@ def solve_trust_region(
     if not (0 < eta_min <= eta_max < math.inf):
         raise ValueError(f"eta_bounds must satisfy 0 < min ≤ max < inf, got {eta_bounds}")
     upper, lower = eps * (1 + rtol), eps * (1 - rtol)
+    solve = _FixedEtaSolver(dynamics, cost, prev_policy, lambda_, nu, pi_fit, group)
 
     def evaluate(eta: float) -> tuple[LinearGaussianPolicy, float]:
-        pol, _ = solve_fixed_eta(dynamics, cost, prev_policy, eta, lambda_=lambda_, nu=nu, pi_fit=pi_fit, group=group)
+        pol, _ = solve(eta)
         dist = forward(pol, dynamics, mu0, sigma0)
         kl = float(kl_divergence(pol, prev_policy, dist.state_mean, dist.state_cov).sum())
         return pol, (kl if math.isfinite(kl) else math.inf)
