@@ -235,3 +235,23 @@ def test_cli_meta_train_and_resume(tmp_path, capsys):
     conf.write_text('task = "logreg/train/0"\nhorizon = 10\nunroll = 5\nepisodes = 2\nlr = 0.01\n')
     assert main(["meta-train", "l2l", "--config", str(conf), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "'lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("forge", ["drop-log", "drop-config", "nan-weights", "config-not-object"])
+def test_resume_refuses_forged_checkpoints_with_a_checkpoint_error(tmp_path, forge):
+    from tests.optim.test_learned_robustness import _drop_meta, _forge, _set_meta
+
+    cfg = _tiny_config(episodes=2)
+    meta_train(cfg, tmp_path, progress=False, task_sampler=_sampler, stop_after=1)
+    path = tmp_path / CHECKPOINT_NAME
+    good = path.with_suffix(".orig")
+    path.rename(good)
+
+    def nan_net(tensors: dict) -> None:
+        tensors["net.W_out"] = torch.full_like(tensors["net.W_out"], float("nan"))
+
+    edits = {"drop-log": {"meta_text": _drop_meta("log")}, "drop-config": {"meta_text": _drop_meta("config")},
+             "nan-weights": {"edit_tensors": nan_net}, "config-not-object": {"meta_text": _set_meta("config", "3")}}
+    _forge(good, path, **edits[forge])  # digest recomputed: only validation can catch it
+    with pytest.raises(CheckpointError, match=str(path)):
+        meta_train(cfg, tmp_path, progress=False, task_sampler=_sampler, resume=True)

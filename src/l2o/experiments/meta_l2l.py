@@ -320,7 +320,24 @@ def _save_state(path: Path, config: MetaL2LConfig, net: Mapping[str, Tensor], ad
 
 def _load_state(path: Path, config: MetaL2LConfig, net: dict[str, Tensor], adam: torch.optim.Adam,
                 init_gen: torch.Generator, batch_gen: torch.Generator) -> tuple[list[dict[str, Any]], float, str | None]:
+    """Restore a training checkpoint; a missing or malformed field or non-finite weights raise
+    :class:`CheckpointError` naming the file (not a bare KeyError)."""
     tensors, meta = load_checkpoint(path, kind=TRAIN_KIND)
+    try:
+        check_net({k: tensors[f"net.{k}"] for k in NET_KEYS})
+        return _restore(path, tensors, meta, config, net, adam, init_gen, batch_gen)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"holds a malformed field ({e})"
+        raise CheckpointError(f"checkpoint {path} {what}") from e
+    except ValueError as e:
+        if isinstance(e, CheckpointError) or str(e).startswith("cannot resume"):
+            raise
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+
+
+def _restore(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any], config: MetaL2LConfig,
+             net: dict[str, Tensor], adam: torch.optim.Adam, init_gen: torch.Generator,
+             batch_gen: torch.Generator) -> tuple[list[dict[str, Any]], float, str | None]:
     saved = meta["config"]
     diff = sorted(k for k in asdict(config) if k not in _RESUME_MAY_CHANGE and saved.get(k) != asdict(config)[k])
     if diff:
