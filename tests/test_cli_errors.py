@@ -154,3 +154,10 @@ def test_data_exits_nonzero_when_a_found_dataset_is_corrupt(capsys, tmp_path):
     assert "mnist" in out and "BAD" in out
     # Nothing found but nothing corrupt either: a report, exit 0.
     assert main(["data", "--data-dir", str(tmp_path / "empty"), "--quiet"]) == 0
+
+
+def test_tuning_config_counts_a_repeated_task_or_optimizer_once():
+    from l2o.experiments.tuning import TuningConfig
+
+    cfg = TuningConfig.from_dict({"task": ["logreg/train/0", "logreg/train/0-1"], "optimizers": ["sgd", "sgd"]})
+    assert cfg.tasks == ("logreg/train/0", "logreg/train/1") and cfg.optimizers == ("sgd",)

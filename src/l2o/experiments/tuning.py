@@ -50,6 +50,10 @@ class TuningConfig:
         return (self.task,) if isinstance(self.task, str) else tuple(self.task)
 
     def __post_init__(self) -> None:
+        # A repeated task would weigh twice in the criterion, a repeated optimizer be tuned twice.
+        if not isinstance(self.task, str):
+            object.__setattr__(self, "task", tuple(dict.fromkeys(self.task)))
+        object.__setattr__(self, "optimizers", tuple(dict.fromkeys(self.optimizers)))
         if not self.tasks:
             raise ValueError("tuning needs at least one task")
         if self.criterion not in CRITERIA:
