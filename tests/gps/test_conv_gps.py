@@ -213,3 +213,24 @@ def test_resume_refuses_a_different_config_and_a_tampered_checkpoint(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError):
         ConvGPSTrainer(_config(iterations=2), tmp_path, task=task, progress=False).train()
+
+
+def test_curvature_along_the_mean_action_ignores_the_exploration_noise():
+    """On f = ½ Σ h_j x_j², h_{g,0} along ψ's mean step m is Σ h m² / Σ m² exactly, whatever the
+    exploration noise; along the noisy step taken it is not."""
+    from l2o.tasks.quadratic import SeparableQuadratic
+
+    task = SeparableQuadratic(dim=50, h_min=0.1, h_max=1.0)
+    psi = initial_psi(3, 0.5, 0.3)
+    x0, h = task.init_params(4)["x"].double(), task.h
+    # ψ acts on the paper state's Φ2_0 = g/(|g|+1) (t = 0): the mean step is −0.5·g/(|g|+1)
+    g = h * x0
+    m = g / (g.abs() + 1)
+    expected = float((h * m ** 2).sum() / (m ** 2).sum())
+    ctrl = GroupLinearGaussianController(task, [psi])
+    mean = rollout(task, ctrl, 4, 3, 5, curvature_every=1, curvature_along="mean")
+    step = rollout(task, ctrl, 4, 3, 5, curvature_every=1, curvature_along="step")
+    assert float(mean.curvature[0, 0]) == pytest.approx(expected, rel=1e-5)
+    assert abs(float(step.curvature[0, 0]) - expected) > 1e-3 * expected
+    with pytest.raises(ValueError, match="curvature_along"):
+        rollout(task, ctrl, 4, 3, 5, curvature_along="sideways")

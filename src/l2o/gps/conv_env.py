@@ -101,11 +101,17 @@ def rollout(
     dtype: torch.dtype = torch.float32,
     return_history: bool = False,
     features: FeatureSet | None = None,
+    curvature_along: str = "step",
 ) -> Rollout:
     """Run ``controller`` on ``task`` from x⁽⁰⁾(seed) for ``horizon`` steps with mini-batches drawn
     by a generator seeded from ``seed``; exploration noise uses a third seeded generator, so a
     rollout is a deterministic function of (controller, seed). ``features`` (default: the paper's,
-    :class:`l2o.features.sets.Paper2017Features`) makes the states s_t and observations Ψ_t."""
+    :class:`l2o.features.sets.Paper2017Features`) makes the states s_t and observations Ψ_t.
+    ``curvature_along``: measure h_{g,t} along the step taken (``"step"``) or along the controller's
+    mean action (``"mean"``, for a controller that sets ``last_mean``; ψ's exploration noise points
+    in random directions, whose curvature is much smaller than along the descent direction)."""
+    if curvature_along not in ("step", "mean"):
+        raise ValueError(f"curvature_along must be 'step' or 'mean', got {curvature_along!r}")
     features = Paper2017Features() if features is None else features
     D, P = features.state_dim, features.obs_dim
     T = int(horizon)
@@ -179,10 +185,13 @@ def rollout(
             rec_o[gi][t] = obs[c]
             action_rms[t, gi] = float(a[s].square().mean().sqrt())
         if need_hvp:
-            (hv,) = torch.autograd.grad(g, xg, grad_outputs=a)
+            v = a
+            if curvature_along == "mean" and getattr(controller, "last_mean", None) is not None:
+                v = controller.last_mean.to(dtype)
+            (hv,) = torch.autograd.grad(g, xg, grad_outputs=v)
             for gi, s in enumerate(slices):
-                den = float(a[s].square().sum())
-                curvature[curv_pos[t], gi] = float((a[s] * hv[s]).sum()) / den if den > 0 else math.nan
+                den = float(v[s].square().sum())
+                curvature[curv_pos[t], gi] = float((v[s] * hv[s]).sum()) / den if den > 0 else math.nan
         x = x + a
     xs[T] = x
     return Rollout(seed, rec_s, rec_a, rec_o, coords, eval_steps, true_loss, batch_loss, curv_steps, curvature,
@@ -204,13 +213,15 @@ class GroupLinearGaussianController:
         self.noise = noise
 
     def reset(self, n: int) -> None:
-        pass
+        self.last_mean: Tensor | None = None
 
     def act(self, t: int, states: Tensor | None, observations: Tensor, generator: torch.Generator) -> Tensor:
         assert states is not None
         out = torch.empty(states.shape[0], dtype=torch.float64)
+        self.last_mean = torch.empty_like(out)
         for s, pol in zip(self.slices, self.policies):
             mean = states[s].to(torch.float64) @ pol.K[t, 0] + pol.k[t, 0]
+            self.last_mean[s] = mean
             if self.noise:
                 mean = mean + float(pol.cov[t, 0, 0]) ** 0.5 * torch.randn(mean.shape, generator=generator, dtype=torch.float64)
             out[s] = mean

@@ -97,7 +97,8 @@ class ConvGPSConfig:
     ``init_direction = "adagrad"`` it is AdaGrad with lr ``init_gain``), with exploration std
     ``init_noise`` × the group's RMS step. ``noise_floor`` > 0 keeps ψ's exploration std at least
     that fraction of the RMS of its mean action at every t (see :func:`floor_noise`; 0 = off, the
-    paper's behaviour).
+    paper's behaviour). ``curvature_along = "mean"`` measures the cost model's curvature h_{g,t}
+    along ψ's mean action instead of the noisy step taken (``"step"``, the original behaviour).
     """
 
     task: str = "mnist:48-48:b64"
@@ -120,6 +121,7 @@ class ConvGPSConfig:
     alpha: float = 0.1
     curvature_floor: float = 0.05
     noise_floor: float = 0.0
+    curvature_along: str = "step"
     pi_steps: int = 30
     pi_first_steps: int = 120
     pi_lr: float = 3e-3
@@ -149,6 +151,8 @@ class ConvGPSConfig:
             raise ValueError("conv-GPS config: need 0 < nu_min <= nu <= nu_max")
         if self.samples < 2:
             raise ValueError("conv-GPS config: samples (M) must be >= 2")
+        if self.curvature_along not in ("step", "mean"):
+            raise ValueError(f"conv-GPS config: curvature_along must be 'step' or 'mean', got {self.curvature_along!r}")
         if self.horizon < 2:
             raise ValueError("conv-GPS config: horizon must be >= 2")
 
@@ -347,7 +351,7 @@ class ConvGPSTrainer:
     def _rollout(self, controller: Any, seed: int, horizon: int, coords: int, eval_every: int, curvature_every: int,
                  record_states: bool = True) -> Rollout:
         return rollout(self.task, controller, seed, horizon, coords, eval_every, curvature_every,
-                       record_states=record_states, features=self.features)
+                       record_states=record_states, features=self.features, curvature_along=self.config.curvature_along)
 
     def _init_groups(self) -> None:
         c = self.config
