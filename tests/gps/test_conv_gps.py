@@ -234,3 +234,31 @@ def test_curvature_along_the_mean_action_ignores_the_exploration_noise():
     assert abs(float(step.curvature[0, 0]) - expected) > 1e-3 * expected
     with pytest.raises(ValueError, match="curvature_along"):
         rollout(task, ctrl, 4, 3, 5, curvature_along="sideways")
+
+
+def test_curvature_on_an_independent_batch_is_that_batchs_hessian_along_the_step():
+    """curvature_batch='independent': h_{g,0} = a_gᵀ(Ĥ_B a)_g / a_gᵀa_g for the batch B drawn by the
+    rollout's own curvature generator, not the batch the step came from."""
+    from l2o.tasks.base import flatten, unflatten
+
+    task = tiny_mlp_task()
+    T, seed = 2, 3
+    ctrl = GroupLinearGaussianController(task, [_psi(T, 0.5, 1e-12)] * len(task.groups), noise=False)
+    same = rollout(task, ctrl, seed, T, 4, curvature_every=1, return_history=True)
+    indep = rollout(task, ctrl, seed, T, 4, curvature_every=1, curvature_batch="independent", return_history=True)
+    xs = indep.history[0]
+    torch.testing.assert_close(xs, same.history[0])  # the trajectory itself is unchanged
+    a = xs[1] - xs[0]
+    x0 = xs[0].clone().requires_grad_(True)
+    batch = task.sample_batch(torch.Generator().manual_seed(4_000_003 + seed))
+    (g,) = torch.autograd.grad(task.loss(unflatten(x0, task.groups), batch), x0, create_graph=True)
+    (hv,) = torch.autograd.grad(g, x0, grad_outputs=a)
+    start = 0
+    for gi, grp in enumerate(task.groups):
+        s = slice(start, start + grp.numel)
+        expected = float((a[s] * hv[s]).sum() / a[s].square().sum())
+        assert float(indep.curvature[0, gi]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        start += grp.numel
+    assert not torch.allclose(indep.curvature, same.curvature)
+    with pytest.raises(ValueError, match="curvature_batch"):
+        ConvGPSConfig(curvature_batch="other")

@@ -102,6 +102,7 @@ def rollout(
     return_history: bool = False,
     features: FeatureSet | None = None,
     curvature_along: str = "step",
+    curvature_batch: str = "same",
 ) -> Rollout:
     """Run ``controller`` on ``task`` from x⁽⁰⁾(seed) for ``horizon`` steps with mini-batches drawn
     by a generator seeded from ``seed``; exploration noise uses a third seeded generator, so a
@@ -109,9 +110,16 @@ def rollout(
     :class:`l2o.features.sets.Paper2017Features`) makes the states s_t and observations Ψ_t.
     ``curvature_along``: measure h_{g,t} along the step taken (``"step"``) or along the controller's
     mean action (``"mean"``, for a controller that sets ``last_mean``; ψ's exploration noise points
-    in random directions, whose curvature is much smaller than along the descent direction)."""
+    in random directions, whose curvature differs from that along the descent direction).
+    ``curvature_batch``: the mini-batch whose Hessian gives h_{g,t}: the step's own (``"same"``,
+    the original behaviour) or an independent one (``"independent"``). A step built from a
+    mini-batch's gradient points where that batch curves most, so its own Hessian overstates the
+    true curvature along it (on mnist:48-48:b64 under AdaGrad, 2.4× over 100 steps, enough to flip
+    the sign of the modelled change of f); an independent batch is unbiased for the true Hessian."""
     if curvature_along not in ("step", "mean"):
         raise ValueError(f"curvature_along must be 'step' or 'mean', got {curvature_along!r}")
+    if curvature_batch not in ("same", "independent"):
+        raise ValueError(f"curvature_batch must be 'same' or 'independent', got {curvature_batch!r}")
     features = Paper2017Features() if features is None else features
     D, P = features.state_dim, features.obs_dim
     T = int(horizon)
@@ -124,6 +132,7 @@ def rollout(
     batch_gen = torch.Generator().manual_seed(1_000_003 + seed)
     noise_gen = torch.Generator().manual_seed(2_000_003 + seed)
     pick_gen = torch.Generator().manual_seed(3_000_003 + seed)
+    curv_gen = torch.Generator().manual_seed(4_000_003 + seed)
     coords = [torch.randperm(s.stop - s.start, generator=pick_gen)[: min(coords_per_group, s.stop - s.start)].sort().values
               for s in slices]
     flat_coords = [c + s.start for c, s in zip(coords, slices)]
@@ -188,7 +197,14 @@ def rollout(
             v = a
             if curvature_along == "mean" and getattr(controller, "last_mean", None) is not None:
                 v = controller.last_mean.to(dtype)
-            (hv,) = torch.autograd.grad(g, xg, grad_outputs=v)
+            if curvature_batch == "independent":
+                xc = x.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (gc,) = torch.autograd.grad(task.loss(unflatten(xc, groups), task.sample_batch(curv_gen)), xc,
+                                                create_graph=True)
+                    (hv,) = torch.autograd.grad(gc, xc, grad_outputs=v)
+            else:
+                (hv,) = torch.autograd.grad(g, xg, grad_outputs=v)
             for gi, s in enumerate(slices):
                 den = float(v[s].square().sum())
                 curvature[curv_pos[t], gi] = float((v[s] * hv[s]).sum()) / den if den > 0 else math.nan

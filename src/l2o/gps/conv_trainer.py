@@ -98,7 +98,10 @@ class ConvGPSConfig:
     ``init_noise`` × the group's RMS step. ``noise_floor`` > 0 keeps ψ's exploration std at least
     that fraction of the RMS of its mean action at every t (see :func:`floor_noise`; 0 = off, the
     paper's behaviour). ``curvature_along = "mean"`` measures the cost model's curvature h_{g,t}
-    along ψ's mean action instead of the noisy step taken (``"step"``, the original behaviour).
+    along ψ's mean action instead of the noisy step taken (``"step"``, the original behaviour);
+    ``curvature_batch = "independent"`` measures it on a mini-batch independent of the step's
+    (``"same"``: the step's own batch, the original behaviour, biased upwards; see
+    :func:`l2o.gps.conv_env.rollout`).
     """
 
     task: str = "mnist:48-48:b64"
@@ -122,6 +125,7 @@ class ConvGPSConfig:
     curvature_floor: float = 0.05
     noise_floor: float = 0.0
     curvature_along: str = "step"
+    curvature_batch: str = "same"
     pi_steps: int = 30
     pi_first_steps: int = 120
     pi_lr: float = 3e-3
@@ -151,6 +155,8 @@ class ConvGPSConfig:
             raise ValueError("conv-GPS config: need 0 < nu_min <= nu <= nu_max")
         if self.samples < 2:
             raise ValueError("conv-GPS config: samples (M) must be >= 2")
+        if self.curvature_batch not in ("same", "independent"):
+            raise ValueError(f"conv-GPS config: curvature_batch must be 'same' or 'independent', got {self.curvature_batch!r}")
         if self.curvature_along not in ("step", "mean"):
             raise ValueError(f"conv-GPS config: curvature_along must be 'step' or 'mean', got {self.curvature_along!r}")
         if self.horizon < 2:
@@ -351,7 +357,8 @@ class ConvGPSTrainer:
     def _rollout(self, controller: Any, seed: int, horizon: int, coords: int, eval_every: int, curvature_every: int,
                  record_states: bool = True) -> Rollout:
         return rollout(self.task, controller, seed, horizon, coords, eval_every, curvature_every,
-                       record_states=record_states, features=self.features, curvature_along=self.config.curvature_along)
+                       record_states=record_states, features=self.features, curvature_along=self.config.curvature_along,
+                       curvature_batch=self.config.curvature_batch)
 
     def _init_groups(self) -> None:
         c = self.config
