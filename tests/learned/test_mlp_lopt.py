@@ -221,3 +221,15 @@ def test_chunked_front_end_path_equals_the_pure_policy() -> None:
     torch.testing.assert_close(d_chunk, d_pure, rtol=1e-12, atol=1e-14)
     for k in STATE_KEYS:
         assert torch.equal(new_chunk[k], new_pure[k])
+
+
+def test_packaged_weights_are_the_documented_pes_run() -> None:
+    import hashlib
+    import json
+
+    desc = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    assert desc["sha256"] == hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest()
+    theta, arch, meta = load_policy(DEFAULT_CHECKPOINT)
+    assert arch.hidden <= 32 and meta["info"]["outer_steps"] == desc["info"]["outer_steps"]
+    # meta-trained: not the AdaGrad-equivalent θ₀ any more
+    assert not torch.equal(theta_to_flat(theta), theta_to_flat(init_theta(arch)))

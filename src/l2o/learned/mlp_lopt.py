@@ -47,7 +47,8 @@ POLICY_KIND = "l2o-mlp-lopt-policy"
 FEATURE_VERSION = 1
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "mlp-lopt.safetensors"
-"""The packaged θ (see the JSON beside it for how it was obtained)."""
+"""The packaged θ: meta-trained by Persistent ES on ``mnist:48-48:b64`` from θ₀
+(``configs/mlp-lopt-pes.toml``; the JSON beside it records the run; docs/RESULTS.md its evaluation)."""
 
 EPS_ADAGRAD = 1e-10
 EPS_ADAPTIVE = 1e-8
