@@ -3,6 +3,7 @@ make_optimizer, and agreement of the vmapped policy with the front end."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -92,7 +93,10 @@ def test_state_dict_round_trip_is_exact() -> None:
     a, b = _model(), _model()
     oa = MLPLOpt(a, theta=th)
     _run(oa, a, 7)
-    sd = oa.state_dict()
+    buf = io.BytesIO()
+    torch.save(oa.state_dict(), buf)  # through bytes, as a checkpoint would
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
     with torch.no_grad():
         for p, q in zip(b, a):
             p.copy_(q)
@@ -221,6 +225,15 @@ def test_chunked_front_end_path_equals_the_pure_policy() -> None:
     torch.testing.assert_close(d_chunk, d_pure, rtol=1e-12, atol=1e-14)
     for k in STATE_KEYS:
         assert torch.equal(new_chunk[k], new_pure[k])
+    from l2o.learned.mlp_lopt import policy_step_, step_constants
+
+    st_in = {k: v.clone() for k, v in st.items()}
+    scratch = {"phi": torch.empty(8, 1000, dtype=torch.float64), "a": torch.empty(1000, dtype=torch.float64),
+               "b": torch.empty(1000, dtype=torch.float64), "mlp": torch.empty(1000, dtype=torch.float64)}
+    d_in = policy_step_(th64, st_in, g, step_constants(t), arch, scratch, chunk=96)
+    torch.testing.assert_close(d_in, d_pure, rtol=1e-12, atol=1e-14)
+    for k in STATE_KEYS:
+        assert torch.equal(st_in[k], new_pure[k])
 
 
 def test_packaged_weights_are_the_documented_pes_run() -> None:

@@ -182,7 +182,8 @@ def features(state: Mapping[str, Tensor], g: Tensor, consts: Mapping[str, Tensor
     return out
 
 
-def _mlp_out(W1n: Tensor, bias: Tensor, W2: Tensor, b2: Tensor, phi: Tensor, chunk: int | None) -> Tensor:
+def _mlp_out(W1n: Tensor, bias: Tensor, W2: Tensor, b2: Tensor, phi: Tensor, chunk: int | None,
+             out: Tensor | None = None) -> Tensor:
     """δ·exp(μ) [n] for features φ [8, n]: [δ; μ] = W2ᵀ relu(W1nᵀ φ + bias) + b2. With ``chunk``,
     CHUNK coordinates at a time (keeps the [H, chunk] hidden layer in cache; no autograd/vmap)."""
     n = phi.shape[-1]
@@ -190,7 +191,7 @@ def _mlp_out(W1n: Tensor, bias: Tensor, W2: Tensor, b2: Tensor, phi: Tensor, chu
         h = torch.relu(W1n.T @ phi + bias.unsqueeze(-1))
         o = W2.T @ h + b2.unsqueeze(-1)
         return o[0] * torch.exp(o[1].clamp(max=MAG_CLAMP))
-    res = torch.empty(n, dtype=phi.dtype, device=phi.device)
+    res = torch.empty(n, dtype=phi.dtype, device=phi.device) if out is None else out
     W1t, b, W2t, c2 = W1n.T.contiguous(), bias.unsqueeze(-1), W2.T.contiguous(), b2.unsqueeze(-1)
     for s in range(0, n, chunk):
         h = torch.addmm(b, W1t, phi[:, s:s + chunk]).relu_()
@@ -229,6 +230,43 @@ def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Ten
     if chunk is None:
         return -(step_size * linear + arch.mlp_scale * mlp), new
     return linear.mul_(-step_size).add_(mlp, alpha=-arch.mlp_scale), new
+
+
+def policy_step_(theta: Mapping[str, Tensor], state: dict[str, Tensor], g: Tensor, consts: Mapping[str, Tensor],
+                 arch: MLPLOptArch, scratch: Mapping[str, Tensor], chunk: int = CHUNK) -> Tensor:
+    """:func:`policy_step` for the front end, in place: updates ``state`` (flat contiguous tensors)
+    and returns Δx, using the same operations (hence the same numbers) with no fresh [n]-sized
+    tensors but Δx itself. ``scratch``: buffers ``phi`` [8, n], ``a``, ``b``, ``mlp`` [n]."""
+    G, m05, m09, m099, v099, v999 = (state[k] for k in STATE_KEYS)
+    G.addcmul_(g, g)
+    m05.lerp_(g, 0.5)
+    m09.lerp_(g, 0.1)
+    m099.lerp_(g, 0.01)
+    g2 = torch.mul(g, g, out=scratch["a"])
+    v099.lerp_(g2, 0.01)
+    v999.lerp_(g2, 0.001)
+    phi = scratch["phi"]
+    sqrt_g = torch.sqrt(G, out=scratch["a"]).add_(EPS_ADAGRAD)
+    torch.div(g, sqrt_g, out=phi[0])
+    torch.div(m09, sqrt_g, out=phi[3])
+    rv99 = torch.sqrt(v099, out=scratch["b"])
+    inv999 = torch.sqrt(v999, out=scratch["a"]).add_(consts["eps999"]).reciprocal_()
+    torch.mul(rv99, inv999, out=phi[7])
+    torch.div(g, rv99.add_(EPS_ADAPTIVE), out=phi[1])
+    torch.mul(m09, inv999, out=phi[2])
+    torch.mul(m05, inv999, out=phi[4])
+    torch.mul(m099, inv999, out=phi[5])
+    torch.mul(g, inv999, out=phi[6])
+    tau = consts["tau"].to(g.dtype)
+    c = theta["c"]
+    step_size = arch.base_lr * torch.exp(c[0] + (c[1:] * tau).sum())
+    linear = (theta["u"] * consts["rs"][:N_DIRECTIONS].to(g.dtype)) @ phi[:N_DIRECTIONS]
+    inv_rms = torch.rsqrt(torch.linalg.vector_norm(phi, dim=-1).square() / phi.shape[-1] + 1e-12)
+    W1 = theta["W1"]
+    W1n = W1[:N_COORD_FEATURES] * inv_rms.unsqueeze(-1)
+    bias = theta["b1"] + tau @ W1[N_COORD_FEATURES:]
+    mlp = _mlp_out(W1n, bias, theta["W2"], theta["b2"], phi, chunk, out=scratch["mlp"])
+    return linear.mul_(-step_size).add_(mlp, alpha=-arch.mlp_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +343,7 @@ class MLPLOpt(torch.optim.Optimizer):
             self.theta, self.arch, self.policy_meta = load_policy(path)
             self.checkpoint = str(path)
         self._theta_cache: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
+        self._scratch: dict[tuple[int, torch.dtype, torch.device], dict[str, Tensor]] = {}
         super().__init__(params, {})
 
     def _theta_for(self, like: Tensor) -> dict[str, Tensor]:
@@ -329,7 +368,8 @@ class MLPLOpt(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("MLPLOpt does not support sparse gradients")
                 g = p.grad.reshape(-1)
-                if not torch.isfinite(g).all():
+                # a NaN/inf entry makes the sum NaN/inf; only then (or on overflow) check entry-wise
+                if not bool(torch.isfinite(g.sum())) and not torch.isfinite(g).all():
                     raise FloatingPointError(
                         f"MLPLOpt: the gradient of parameter {pi} of param group {gi} (shape {tuple(p.shape)}) has NaN/inf entries")
                 work.append((p, g))
@@ -343,14 +383,26 @@ class MLPLOpt(torch.optim.Optimizer):
             key = (state["step"] + 1, p.dtype, p.device)
             if key not in consts:
                 consts[key] = step_constants(torch.tensor(float(key[0]), dtype=p.dtype, device=p.device))
-            old = {k: state[k].reshape(-1) for k in STATE_KEYS}
-            delta, new = policy_step(self._theta_for(p), old, g.to(p.dtype), None, self.arch,  # type: ignore[arg-type]
-                                     chunk=CHUNK, consts=consts[key])
             for k in STATE_KEYS:
-                state[k] = new[k].view_as(p)
+                if not state[k].is_contiguous():
+                    state[k] = state[k].contiguous()
+            flat = {k: state[k].view(-1) for k in STATE_KEYS}
+            delta = policy_step_(self._theta_for(p), flat, g.to(p.dtype), consts[key], self.arch,
+                                 self._scratch_for(g))
             p.add_(delta.view_as(p))
             state["step"] += 1
         return loss
+
+    def _scratch_for(self, g: Tensor) -> dict[str, Tensor]:
+        """Work buffers reused across steps (fresh multi-MB tensors cost page faults every step)."""
+        key = (g.numel(), g.dtype, g.device)
+        if key not in self._scratch:
+            n = g.numel()
+            self._scratch[key] = {"phi": torch.empty((N_COORD_FEATURES, n), dtype=g.dtype, device=g.device),
+                                  "a": torch.empty(n, dtype=g.dtype, device=g.device),
+                                  "b": torch.empty(n, dtype=g.dtype, device=g.device),
+                                  "mlp": torch.empty(n, dtype=g.dtype, device=g.device)}
+        return self._scratch[key]
 
 
 def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
