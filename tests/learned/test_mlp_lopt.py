@@ -246,3 +246,15 @@ def test_packaged_weights_are_the_documented_pes_run() -> None:
     assert arch.hidden <= 32 and meta["info"]["outer_steps"] == desc["info"]["outer_steps"]
     # meta-trained: not the AdaGrad-equivalent θ₀ any more
     assert not torch.equal(theta_to_flat(theta), theta_to_flat(init_theta(arch)))
+
+
+def test_a_non_finite_step_raises_before_any_parameter_moves() -> None:
+    ps = _model()
+    th = random_theta()
+    th["b2"] = torch.tensor([float("inf"), 0.0])  # δ = inf for every coordinate
+    opt = MLPLOpt(ps, theta=th)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(FloatingPointError):
+        _run(opt, ps, 1)
+    for p, q in zip(ps, before):
+        assert torch.equal(p, q)

@@ -327,7 +327,8 @@ class MLPLOpt(torch.optim.Optimizer):
     (e.g. :func:`init_theta`, the AdaGrad-equivalent θ₀). Each parameter tensor keeps its
     accumulators and step count in ``self.state`` (exact ``state_dict`` round trip); a parameter
     whose ``.grad`` is ``None`` is skipped. The loss is not used (any value, zero or negative, is
-    fine). A NaN/inf gradient raises ``FloatingPointError`` before any parameter moves.
+    fine). A NaN/inf gradient, or a non-finite step from a bad θ, raises ``FloatingPointError``
+    before any parameter moves.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], checkpoint: str | os.PathLike | None = None,
@@ -374,6 +375,7 @@ class MLPLOpt(torch.optim.Optimizer):
                         f"MLPLOpt: the gradient of parameter {pi} of param group {gi} (shape {tuple(p.shape)}) has NaN/inf entries")
                 work.append((p, g))
         consts: dict[tuple[int, torch.dtype, torch.device], dict[str, Tensor]] = {}
+        deltas: list[tuple[Tensor, Tensor]] = []
         for p, g in work:
             state = self.state[p]
             if "step" not in state:
@@ -389,8 +391,13 @@ class MLPLOpt(torch.optim.Optimizer):
             flat = {k: state[k].view(-1) for k in STATE_KEYS}
             delta = policy_step_(self._theta_for(p), flat, g.to(p.dtype), consts[key], self.arch,
                                  self._scratch_for(g))
-            p.add_(delta.view_as(p))
+            if not bool(torch.isfinite(delta.sum())) and not torch.isfinite(delta).all():
+                raise FloatingPointError(f"MLPLOpt: the policy's step for a parameter of shape {tuple(p.shape)} "
+                                         "is not finite (no parameter was moved)")
+            deltas.append((p, delta))
             state["step"] += 1
+        for p, delta in deltas:
+            p.add_(delta.view_as(p))
         return loss
 
     def _scratch_for(self, g: Tensor) -> dict[str, Tensor]:
