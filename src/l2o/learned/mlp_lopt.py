@@ -23,7 +23,8 @@ second is the MLP. :func:`init_theta` sets u = e₁, c = 0, W2 = b2 = 0, which i
 
 Everything is a pure function of tensors (:func:`policy_step`), so :mod:`l2o.outer` evaluates many
 θ's at once under ``torch.func.vmap``; :class:`MLPLOpt` applies it to each parameter tensor with
-flattened tensor ops (O(#tensors) Python work per step).
+flattened tensor ops, in place (Python work per step: O(#tensors), plus one MLP call per
+:data:`CHUNK` coordinates of a large tensor).
 """
 
 from __future__ import annotations
