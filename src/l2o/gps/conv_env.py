@@ -115,7 +115,8 @@ def rollout(
     the original behaviour) or an independent one (``"independent"``). A step built from a
     mini-batch's gradient points where that batch curves most, so its own Hessian overstates the
     true curvature along it (on mnist:48-48:b64 under AdaGrad, 2.4× over 100 steps, enough to flip
-    the sign of the modelled change of f); an independent batch is unbiased for the true Hessian."""
+    the sign of the modelled change of f: ``scripts/curvature_bias.py``); an independent batch is
+    unbiased for the true Hessian."""
     if curvature_along not in ("step", "mean"):
         raise ValueError(f"curvature_along must be 'step' or 'mean', got {curvature_along!r}")
     if curvature_batch not in ("same", "independent"):
