@@ -27,7 +27,7 @@ from l2o.baselines.registry import OptimizerSpec, parse_optimizer
 from l2o.experiments.plots import plot_benchmark
 from l2o.experiments.runner import RunResult, run_optimizer
 from l2o.experiments.store import RunKey, load_result, save_result, write_json_atomic
-from l2o.experiments.summary import CellStats, markdown_table, summarize, write_csv
+from l2o.experiments.summary import TARGET_RULE, CellStats, markdown_table, summarize, write_csv
 
 
 def _execute(key: RunKey, out: str, data_dir: str | None) -> RunResult:
@@ -269,7 +269,9 @@ def _run_benchmark(config: BenchmarkConfig, keys: list[RunKey], out: Path, progr
     labels = {str(s): s.display for s in config.specs()}
     header = f"# Benchmark{': ' + config.title if config.title else ''}\n\n" \
              f"{config.seeds} seeds × {config.iterations} iterations. Final objective and AUC: mean ± 95% " \
-             f"t-interval over seeds (AUC = mean true objective over iterations 1..T). Bold: best per task.\n\n"
+             f"t-interval over seeds (AUC = mean true objective over iterations 1..T). Bold: best per task.\n\n" \
+             f"Time to target: {TARGET_RULE}. Runs execute in {config.jobs} worker process(es), one torch thread " \
+             f"each, so seconds also reflect the machine's load.\n\n"
     files["markdown"].write_text(header + markdown_table(cells))
     plot_benchmark(shown, files["figure"], title=config.title, labels=labels)
     write_json_atomic(files["manifest"], {

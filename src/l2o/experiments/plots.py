@@ -1,11 +1,16 @@
 """Figures in the style of the paper's Figures 1–5: true objective vs iteration, one panel per task,
 one line per optimizer (mean over seeds) with a shaded 95% interval. Diverged runs end their line
 where they diverged and are marked ✕ in the legend count. A panel whose curves span more than a
-decade (all positive) gets a logarithmic objective axis (:func:`objective_scale`)."""
+decade (all positive) gets a logarithmic objective axis (:func:`objective_scale`).
+
+When any run carries a wall clock (run-record format 2), each row of iteration panels gets a row of
+wall-clock panels beneath it: the same mean curves against the mean over seeds of the cumulative
+seconds in ``optimizer.step`` (:func:`_time_axis`); runs without a wall clock are left out there."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +36,15 @@ def _curves(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.arange(y.shape[1]), mean, np.nan_to_num(half)
 
 
+def _time_axis(runs: list[RunResult]) -> np.ndarray:
+    """Mean over runs of the cumulative wall-clock seconds at t = 0..T (0 at t = 0; NaN where no
+    run still has a time)."""
+    w = np.array([[0.0] + [math.nan if v is None else v for v in r.wall_clock_s] for r in runs], dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after divergence
+        return np.nanmean(w, axis=0)
+
+
 LOG_SPAN = 10.0
 """A panel's objective axis is logarithmic when its curves span more than this factor."""
 
@@ -54,11 +68,17 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
         raise ValueError("no results to plot")
     cols = min(3, len(tasks))
     rows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    timed = any(r.wall_clock_s is not None for r in results)
+    per = 2 if timed else 1  # axes rows per row of tasks: iteration, then wall clock
+    fig, grid = plt.subplots(rows * per, cols, figsize=(5.2 * cols, 3.8 * rows * per), squeeze=False)
+    axes = grid[0::per]
+    time_axes = grid[1::per] if timed else None
     cmap = plt.get_cmap("tab10")
     optimizers = list(dict.fromkeys(r.optimizer for r in results))
     colour = {o: cmap(i % 10) for i, o in enumerate(optimizers)}
-    for ax, task in zip(axes.flat, tasks, strict=False):
+    for k, task in enumerate(tasks):
+        ax = axes.flat[k]
+        tax = time_axes.flat[k] if timed else None
         ys_lo, ys_hi, means = [], [], []
         for opt in optimizers:
             runs = [r for r in results if r.task == task and r.optimizer == opt]
@@ -69,6 +89,13 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
             name = (labels or {}).get(opt, opt) + (f" (✕ {div}/{len(runs)} diverged)" if div else "")
             ax.plot(x, mean, color=colour[opt], lw=1.4, label=name)
             ax.fill_between(x, mean - half, mean + half, color=colour[opt], alpha=0.2, lw=0)
+            with_clock = [r for r in runs if r.wall_clock_s is not None]
+            if tax is not None and with_clock:
+                _, tmean, thalf = _curves(with_clock)
+                secs = _time_axis(with_clock)
+                ok = np.isfinite(secs) & np.isfinite(tmean)
+                tax.plot(secs[ok], tmean[ok], color=colour[opt], lw=1.4, label=name)
+                tax.fill_between(secs[ok], (tmean - thalf)[ok], (tmean + thalf)[ok], color=colour[opt], alpha=0.2, lw=0)
             means.append(mean)
             finite = mean[np.isfinite(mean)]
             if finite.size:
@@ -88,7 +115,21 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
         ax.set_ylabel("true objective f(x)" + (" (log scale)" if scale == "log" else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
+        if tax is not None:
+            if tax.lines:
+                tax.set_yscale(ax.get_yscale())
+                tax.set_ylim(ax.get_ylim())
+                tax.set_xlim(left=0.0)
+                tax.set_title(task, fontsize=10)
+                tax.set_xlabel("wall-clock seconds in optimizer.step (mean over seeds)")
+                tax.set_ylabel(ax.get_ylabel())
+                tax.grid(alpha=0.3)
+                tax.legend(fontsize=7)
+            else:
+                tax.axis("off")
+                tax.text(0.5, 0.5, "no wall-clock record\n(runs of format 1)", ha="center", va="center",
+                         transform=tax.transAxes, fontsize=9)
+    for ax in list(axes.flat)[len(tasks):] + (list(time_axes.flat)[len(tasks):] if timed else []):
         ax.axis("off")
     if title:
         import textwrap

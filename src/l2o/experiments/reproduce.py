@@ -9,7 +9,8 @@ runs live in their own folder (``OUT/figN/runs/...``) because Figures 2 and 5 sh
 differ only in T.
 
 Outputs, all generated: one figure per paper figure (a panel per dataset, mean true objective
-with a shaded 95% t-interval over seeds), ``summary.csv``, a scorecard, and a Markdown document
+with a shaded 95% t-interval over seeds, against iteration and, in a second row, against
+wall-clock seconds), ``summary.csv`` (with time to target), a scorecard, and a Markdown document
 (default ``docs/REPRODUCTION.md``) that embeds them with the command, versions and wall time.
 
 The scorecard rule (also stated in the document): in each cell (figure × dataset) and for each
@@ -44,7 +45,7 @@ from l2o.baselines.registry import (
 from l2o.experiments.benchmark import environment, run_grid
 from l2o.experiments.runner import RunResult
 from l2o.experiments.store import RunKey, slug, write_json_atomic
-from l2o.experiments.summary import CellStats, rank_key, summarize
+from l2o.experiments.summary import TARGET_RULE, CellStats, rank_key, summarize, to_target_text
 
 CAPTION_TAIL = "The vertical axis is the true objective value and the horizontal axis represents the iteration."
 
@@ -520,6 +521,8 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
           f"{config.n_seeds - 1} fix the initial point and the mini-batch sequence, shared by all optimizers. "
           "Final = f(x_T); AUC = mean of f(x_t) over t = 1..T. Entries are mean ± half-width of the 95% Student-t "
           "interval over seeds; a diverged run (NaN/inf) is counted and left out of the mean."), "",
+          f"Time to target: {TARGET_RULE}. Each figure's second row plots the same curves against these "
+          "seconds (mean over seeds); they depend on the machine and its load.", "",
           "Datasets (the paper's TFD, CIFAR-10 and CIFAR-100; stand-ins and subsets are named as such):", ""]
     for s in config.slots():
         d = data[s.paper]
@@ -563,6 +566,18 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
                     row.append(_entry(cs, metric, cs is not None and cs is winners[id(c)]))
                 L.append("| " + " | ".join(row) + " |")
             L.append("")
+        L += ["Time to target (iterations / wall-clock seconds; rule under Protocol). Targets: "
+              + "; ".join(f"{c.slot.paper} f ≤ {_num(c.stats[0].target)}" + (f" (`{c.stats[0].target_from}`)"
+                          if c.stats and c.stats[0].target_from else "") for c in fc if c.stats) + ".", "",
+              "| optimizer | " + " | ".join(f"{c.slot.paper} ({c.task})" for c in fc) + " |",
+              "|---" * (len(fc) + 1) + "|"]
+        for s in statuses:
+            row = [s.display]
+            for c in fc:
+                cs = next((x for x in c.stats if x.optimizer == str(s.spec)), None) if s.available else None
+                row.append("absent" if cs is None else to_target_text(cs))
+            L.append("| " + " | ".join(row) + " |")
+        L.append("")
     L += ["## All 15 cells at a glance" if len(cells) == 15 else f"## All {len(cells)} cells at a glance", "",
           "| figure | dataset | setting | winner (final) | winner (AUC) | "
           + " | ".join(f"{display.get(n, n)} (final / AUC)" for n in scorecard) + " |",

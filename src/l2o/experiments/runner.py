@@ -6,6 +6,11 @@ closure may be called several times (CG and L-BFGS line searches), always on the
 every call is counted. The same seed gives every optimizer the same x⁽⁰⁾ and the same batch
 sequence (common random numbers), so differences between optimizers are not sampling noise.
 A run whose objective becomes NaN/inf is recorded as diverged at that iteration, not dropped.
+
+Wall clock: ``wall_clock_s[t-1]`` is the cumulative time (seconds, ``time.perf_counter``) spent in
+``optimizer.step(closure)`` — closure calls included, batch sampling and the true-objective
+evaluation excluded — after iterations 1..t, measured in the process that ran the run. Records of
+format 1 (written before wall clocks were recorded) load with ``wall_clock_s = None``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from l2o.baselines.registry import OptimizerSpec
 from l2o.tasks.base import Task
 
 BATCH_SEED_OFFSET = 1_000_003
+RECORD_FORMAT = 2
+"""Version of the run-record format: 1 = no ``format`` key and no wall clock; 2 = ``wall_clock_s``."""
 
 
 @dataclass
@@ -37,6 +44,9 @@ class RunResult:
     diverged_at: int | None
     wall_time_s: float
     meta: dict[str, Any] = field(default_factory=dict)
+    wall_clock_s: list[float | None] | None = None
+    """Cumulative seconds in ``optimizer.step`` after iterations 1..T (None after divergence);
+    None for a format-1 record."""
 
     @property
     def diverged(self) -> bool:
@@ -61,17 +71,36 @@ class RunResult:
         return {"task": self.task, "optimizer": self.optimizer, "seed": self.seed, "iterations": self.iterations}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.wall_clock_s is None:  # a format-1 record read back: write it as it was
+            del d["wall_clock_s"]
+        else:
+            d["format"] = RECORD_FORMAT
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        """Parse and validate a record of format 1 (no wall clock) or 2; anything else is a ``ValueError``."""
+        fmt = d.get("format", 1)
+        if fmt not in (1, 2):
+            raise ValueError(f"run record has unknown format {fmt!r} (this l2o reads 1 and {RECORD_FORMAT})")
         fields = {"task", "optimizer", "seed", "iterations", "true_loss", "batch_loss", "evals", "diverged_at", "wall_time_s", "meta"}
+        if fmt == 2:
+            fields.add("wall_clock_s")
         missing = fields - set(d)
         if missing:
             raise ValueError(f"run record lacks fields {sorted(missing)}")
         r = cls(**{k: d[k] for k in fields})
         if len(r.true_loss) != r.iterations + 1:
             raise ValueError(f"run record has {len(r.true_loss)} objective values for {r.iterations} iterations")
+        if r.wall_clock_s is not None:
+            w = r.wall_clock_s
+            if not isinstance(w, list) or len(w) != r.iterations:
+                raise ValueError(f"run record's wall_clock_s must list {r.iterations} cumulative times")
+            known = [v for v in w if v is not None]
+            if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in known) or \
+                    any(b < a for a, b in zip(known, known[1:])):
+                raise ValueError("run record's wall_clock_s must be finite, non-negative and non-decreasing")
         return r
 
 
@@ -98,8 +127,10 @@ def run_optimizer(
     true_loss: list[float | None] = [task.true_loss(params)]
     batch_loss: list[float | None] = []
     evals: list[int] = []
+    wall_clock: list[float | None] = []
     diverged_at: int | None = None if _finite(true_loss[0]) else 0
     t0 = time.perf_counter()
+    in_step = 0.0
 
     steps = range(iterations)
     if progress:
@@ -120,10 +151,13 @@ def run_optimizer(
             loss.backward()
             return loss
 
+        ts = time.perf_counter()
         try:
             loss = opt.step(closure)
         except FloatingPointError:
             loss = None
+        in_step += time.perf_counter() - ts
+        wall_clock.append(in_step)
         f_batch = float(loss.detach()) if loss is not None else math.nan
         batch_loss.append(f_batch if _finite(f_batch) else None)
         evals.append(calls)
@@ -138,6 +172,7 @@ def run_optimizer(
     true_loss += [None] * n_missing
     batch_loss += [None] * (iterations - len(batch_loss))
     evals += [0] * (iterations - len(evals))
+    wall_clock += [None] * (iterations - len(wall_clock))
     return RunResult(
         task=task.name,
         optimizer=str(spec),
@@ -149,4 +184,5 @@ def run_optimizer(
         diverged_at=diverged_at,
         wall_time_s=time.perf_counter() - t0,
         meta={"dim": task.dim, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__},
+        wall_clock_s=wall_clock,
     )
