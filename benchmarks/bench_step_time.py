@@ -10,7 +10,10 @@ nets of the paper's kind at batch 64 on synthetic N(0, 1) inputs (no dataset nee
 (2,842 parameters) and 784-1250-10 (993,760 ≈ 1M). Adam and the learned optimizer run interleaved,
 one iteration each in turn on their own copy of the parameters and the same batches, so machine
 load affects both alike; the table gives medians of the whole iteration (zero grads, forward,
-backward, step) and of the step alone, as ratios to Adam. Usage:
+backward, step) and of the step alone, as ratios to Adam. For PSD and L2LBGDBGD it also gives the
+step ÷ its floor: the policy network's matrix products alone (``addmm`` of [x, h] against the
+stacked gate weights per LSTM layer, and the output layer) over the same number of coordinates,
+on preallocated buffers at the best of several row chunkings, timed in the same loop. Usage:
 
     python benchmarks/bench_step_time.py [--task mnist:48-48:b64] [--steps 200] [--data-dir DIR]
         [--learned mlp-lopt psd ...] [--learned-steps 50] [--big-steps 20] [--skip-baselines]
@@ -19,6 +22,7 @@ backward, step) and of the step alone, as ratios to Adam. Usage:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -62,13 +66,65 @@ def synthetic_task(inputs: int, hidden: int, classes: int = 10, examples: int = 
     return MLPClassifierTask(data, hidden, batch, name=f"synthetic:{inputs}-{hidden}-{classes}:b{batch}")
 
 
-def interleaved_times(task, specs: dict, steps: int, warmup: int = 3, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Median (iteration, step-only) seconds per optimizer, the optimizers taking turns every iteration."""
+def policy_products(opt) -> list[tuple[int, int]] | None:
+    """The (in, out) sizes of the per-coordinate matrix products of a learned optimizer's network
+    (one per LSTM layer with [x, h] stacked, plus the output layer); None if unknown."""
+    from l2o.optim.l2l import L2LBGDBGD
+    from l2o.optim.psd import PredictedStepDescent
+
+    if isinstance(opt, PredictedStepDescent):
+        H, P = opt.hidden_size, int(opt._net["W_ih"].shape[1])
+        return [(P + H, 4 * H), (H, 1)]
+    if isinstance(opt, L2LBGDBGD):
+        H = opt.hidden_size
+        return [(2 + H, 4 * H), (2 * H, 4 * H), (H, 1)]
+    return None
+
+
+def make_floor(n: int, products: list[tuple[int, int]], chunks=(256, 512, 1024, 2048, 4096, 8192, 16384),
+               reps: int = 5):
+    """A callable doing only ``products`` for ``n`` rows (preallocated inputs, outputs and weights),
+    at the row chunking that was fastest over ``reps`` calls; returns (callable, chunk)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, k, generator=g) for k, _ in products]
+    ws = [torch.randn(k, m, generator=g) / k ** 0.5 for k, m in products]
+    bs = [torch.randn(m, generator=g) for _, m in products]
+
+    def build(chunk: int):
+        outs = [torch.empty(min(chunk, n), m) for _, m in products]
+
+        def run() -> None:
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                for x, w, b, o in zip(xs, ws, bs, outs):
+                    torch.addmm(b, x[s:e], w, out=o[: e - s])
+        return run
+
+    best = None
+    for chunk in sorted({min(c, n) for c in chunks}):
+        fn = build(chunk)
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        t = statistics.median(ts)
+        if best is None or t < best[0]:
+            best = (t, chunk, fn)
+    return best[2], best[1]
+
+
+def interleaved_times(task, specs: dict, steps: int, warmup: int = 3, seed: int = 0,
+                      floors: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Median (iteration, step-only) seconds per optimizer, the optimizers taking turns every
+    iteration; each entry of ``floors`` (name → callable) is timed in the same turn order."""
     runs = {}
     for name, spec in specs.items():
         params = {k: v.requires_grad_(True) for k, v in task.init_params(seed).items()}
         runs[name] = (params, spec.build([params[g.name] for g in task.groups]), [], [])
     gen = torch.Generator().manual_seed(seed)
+    floor_t: dict[str, list[float]] = {}
     for i in range(steps + warmup):
         idx = task.sample_batch(gen)
         for params, opt, t_it, t_st in runs.values():
@@ -82,7 +138,14 @@ def interleaved_times(task, specs: dict, steps: int, warmup: int = 3, seed: int 
             if i >= warmup:
                 t_it.append(t2 - t0)
                 t_st.append(t2 - t1)
-    return {n: (statistics.median(r[2]), statistics.median(r[3])) for n, r in runs.items()}
+        for name, fn in (floors or {}).items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                floor_t.setdefault(name, []).append(time.perf_counter() - t0)
+    out = {n: (statistics.median(r[2]), statistics.median(r[3])) for n, r in runs.items()}
+    out.update({n: (math.nan, statistics.median(t)) for n, t in floor_t.items()})
+    return out
 
 
 def learned_table(names: list[str], steps: int, big_steps: int) -> None:
@@ -90,15 +153,21 @@ def learned_table(names: list[str], steps: int, big_steps: int) -> None:
     tuned = load_tuned()
     print(f"\nlearned optimizers vs Adam ({tuned.spec('adam')}), batch 64, 1 thread, interleaved, medians")
     print("| model | parameters | iters | optimizer | Adam ms/iter | ms/iter | × Adam (iteration) "
-          "| Adam step ms | step ms | × Adam (step only) |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| Adam step ms | step ms | × Adam (step only) | floor ms (chunk) | step ÷ floor |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for inputs, hidden, n_steps in ((48, 48, steps), (784, 1250, big_steps)):
         task = synthetic_task(inputs, hidden)
         for name in names:
-            res = interleaved_times(task, {"adam": tuned.spec("adam"), name: parse_optimizer(name)}, n_steps)
+            spec = parse_optimizer(name)
+            products = policy_products(spec.build([torch.zeros(1, requires_grad=True)]))
+            floors, chunk = {}, None
+            if products is not None:
+                floors["floor"], chunk = make_floor(task.dim, products)
+            res = interleaved_times(task, {"adam": tuned.spec("adam"), name: spec}, n_steps, floors=floors)
             (a_it, a_st), (l_it, l_st) = res["adam"], res[name]
+            fl = f"{res['floor'][1] * 1e3:.2f} ({chunk}) | {l_st / res['floor'][1]:.2f}" if floors else "— | —"
             print(f"| MLP {inputs}-{hidden}-10 | {task.dim:,} | {n_steps} | {name} | {a_it * 1e3:.2f} | {l_it * 1e3:.2f} "
-                  f"| {l_it / a_it:.2f} | {a_st * 1e3:.2f} | {l_st * 1e3:.2f} | {l_st / a_st:.1f} |")
+                  f"| {l_it / a_it:.2f} | {a_st * 1e3:.2f} | {l_st * 1e3:.2f} | {l_st / a_st:.1f} | {fl} |", flush=True)
 
 
 def main() -> None:

@@ -10,7 +10,11 @@ Each parameter tensor is one coordinate group (any shape: matrices, biases, conv
 keeps its own state in ``self.state`` — LSTM (h, c) with one row per coordinate, the previous
 gradient, the previous two iterates, the previous loss and the step count — so
 ``state_dict()``/``load_state_dict()`` round-trip exactly. ω is shared by all coordinates of all
-groups. By default ω is the checkpoint ``l2o/optim/weights/psd.safetensors`` (meta-trained by
+groups, so one step runs the LSTM once over all coordinates of all parameters: their Ψ rows are
+concatenated into one [N, P] matrix, (h, c) live in one flat [N, H] buffer of which each
+parameter's ``state["h"]``/``state["c"]`` are row views, and :class:`~l2o.policies.psd_lstm.FusedPolicy`
+updates it in place over row chunks (:func:`l2o.policies.psd_lstm.step` is the reference it is
+tested against). By default ω is the checkpoint ``l2o/optim/weights/psd.safetensors`` (meta-trained by
 Guided Policy Search; see the JSON beside it).
 """
 
@@ -29,14 +33,14 @@ from l2o.baselines.registry import OptimizerEntry, register_optimizer
 from l2o.checkpoint import CheckpointError
 from l2o.features.conv2017 import observation_step
 from l2o.features.sets import FeatureSet, get_feature_set
-from l2o.policies.psd_lstm import NET_KEYS, Hidden, init_hidden, input_size, load_policy, step
+from l2o.policies.psd_lstm import NET_KEYS, FusedPolicy, input_size, load_policy
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd.safetensors"
 """The packaged meta-trained policy ω."""
 
 CHUNK_ROWS = 1024
-"""Coordinates per LSTM call on large parameters: keeps the [rows, 4H] gate temporaries in cache
-(measured on one CPU thread: chunks of 1–4k rows ran 2–3× faster than 32k-row chunks)."""
+"""Coordinates per fused LSTM chunk: keeps the [rows, 4H] gate buffer in cache (measured on one CPU
+thread: 1024 rows beat 512 and 2048, and 1–4k rows ran 2–3× faster than 32k-row chunks)."""
 
 
 class MissingCheckpointError(CheckpointError, FileNotFoundError):
@@ -75,14 +79,10 @@ class PredictedStepDescent(torch.optim.Optimizer):
         self.policy_meta = meta
         self.hidden_size = int(net["W_hh"].shape[-1])
         self._net = {k: net[k] for k in NET_KEYS}
-        self._net_cache: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
+        self._fused: dict[tuple[torch.dtype, torch.device], FusedPolicy] = {}
+        self._flat: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, list[int]]] = {}
+        self._deltas: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         super().__init__(params, {})
-
-    def _net_for(self, like: Tensor) -> dict[str, Tensor]:
-        key = (like.dtype, like.device)
-        if key not in self._net_cache:
-            self._net_cache[key] = {k: v.to(dtype=like.dtype, device=like.device) for k, v in self._net.items()}
-        return self._net_cache[key]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None) -> Any:  # type: ignore[override]
@@ -116,11 +116,8 @@ class PredictedStepDescent(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("PredictedStepDescent does not support sparse gradients")
-                where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
                 g = p.grad.reshape(-1)
-                if not torch.isfinite(g).all():
-                    raise FloatingPointError(f"PredictedStepDescent: the gradient of {where} has NaN/inf entries")
-                state = self.state[p]
+                state = self.state[p] if p in self.state else {}  # not created before every check passed
                 x = p.detach().reshape(-1)
                 ft = f.to(dtype=p.dtype, device=p.device).reshape(())
                 mem = None
@@ -131,20 +128,46 @@ class PredictedStepDescent(torch.optim.Optimizer):
                     old = {k[5:]: v for k, v in state.items() if k.startswith("feat.")} or \
                         self.features.init(x.numel(), 0, p.dtype)
                     _, obs, mem = self.features.step(old, int(state.get("step", 0)), x, g, ft, need_state=False)
-                if not torch.isfinite(obs).all():
-                    raise FloatingPointError(
-                        f"PredictedStepDescent: the observation Ψ of {where} is not finite "
-                        f"(previous mini-batch loss {float(state['f_prev']) if 'f_prev' in state else None}, "
-                        f"current {f_value})")
-                work.append((p, where, state, x, g, ft, obs, mem))
+                work.append((p, (gi, pi), state, x, g, ft, obs, mem))
+        if not work:
+            return loss
 
-        for p, where, state, x, g, ft, obs, mem in work:
-            if "step" not in state:
-                state["step"] = 0
-                state["h"], state["c"] = init_hidden(x.numel(), self.hidden_size, p.dtype, p.device)
-            delta = self._policy_step(self._net_for(p), state, obs)
+        # All coordinates of one (dtype, device) in one [N, P] matrix; everything checked before any state changes.
+        kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for k, item in enumerate(work):
+            kinds.setdefault((item[0].dtype, item[0].device), []).append(k)
+        batches = []
+        for (dtype, device), ks in kinds.items():
+            items = [work[k] for k in ks]
+            grads = torch.cat([it[4] for it in items]) if len(items) > 1 else items[0][4]
+            if not torch.isfinite(grads).all():
+                bad = next(it for it in items if not torch.isfinite(it[4]).all())
+                raise FloatingPointError(f"PredictedStepDescent: the gradient of {self._where(bad)} has NaN/inf entries")
+            obs = torch.cat([it[6] for it in items]) if len(items) > 1 else items[0][6].contiguous()
+            if not torch.isfinite(obs).all():
+                bad = next(it for it in items if not torch.isfinite(it[6]).all())
+                st = bad[2]
+                raise FloatingPointError(
+                    f"PredictedStepDescent: the observation Ψ of {self._where(bad)} is not finite "
+                    f"(previous mini-batch loss {float(st['f_prev']) if 'f_prev' in st else None}, "
+                    f"current {f_value})")
+            batches.append((dtype, device, ks, items, obs))
+
+        # One fused LSTM pass per (dtype, device) over row chunks; steps are views into one flat buffer.
+        deltas: list[Tensor] = [torch.empty(0)] * len(work)
+        for dtype, device, ks, items, obs in batches:
+            h, c = self._hidden_for([it[0] for it in items], [self.state[it[0]] for it in items], dtype, device)
+            delta = self._delta_buf(obs.shape[0], dtype, device)
+            self._fused_for(dtype, device).step_(h, c, obs, delta, CHUNK_ROWS)
+            sizes = [it[3].numel() for it in items]
             if not torch.isfinite(delta).all():
-                raise FloatingPointError(f"PredictedStepDescent: the policy's step for {where} is not finite")
+                bad = next(it for it, d in zip(items, delta.split(sizes)) if not torch.isfinite(d).all())
+                raise FloatingPointError(f"PredictedStepDescent: the policy's step for {self._where(bad)} is not finite")
+            for k, d in zip(ks, delta.split(sizes)):
+                deltas[k] = d
+
+        for (p, _, _, x, g, ft, obs, mem), delta in zip(work, deltas):
+            state = self.state[p]
             if mem is not None:
                 state.update({f"feat.{k}": v for k, v in mem.items()})
             else:
@@ -157,23 +180,69 @@ class PredictedStepDescent(torch.optim.Optimizer):
             state["step"] += 1
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the loaded state tensors are copies: the LSTM state is updated in place
+        (row views into one flat buffer), which must not write into the source optimizer's state."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    st[k] = v.clone()
+
     @staticmethod
-    def _policy_step(net: dict[str, Tensor], state: dict[str, Any], obs: Tensor) -> Tensor:
-        """μ^π(Ψ_t) for one parameter, updating its (h, c) in place, CHUNK_ROWS coordinates at a time."""
-        h, c = state["h"], state["c"]
-        n = obs.shape[0]
-        if n <= CHUNK_ROWS:
-            delta, new = step(net, Hidden(h, c), obs)
-            state["h"], state["c"] = new
-            return delta
-        delta = torch.empty(n, dtype=obs.dtype, device=obs.device)
-        for s in range(0, n, CHUNK_ROWS):
-            e = min(s + CHUNK_ROWS, n)
-            d, new = step(net, Hidden(h[s:e], c[s:e]), obs[s:e])
-            delta[s:e] = d
-            h[s:e] = new.h
-            c[s:e] = new.c
-        return delta
+    def _where(item: tuple) -> str:
+        gi, pi = item[1]
+        return f"parameter {pi} of param group {gi} (shape {tuple(item[0].shape)})"
+
+    def _fused_for(self, dtype: torch.dtype, device: torch.device) -> FusedPolicy:
+        key = (dtype, device)
+        if key not in self._fused:
+            self._fused[key] = FusedPolicy(self._net, dtype, device)
+        return self._fused[key]
+
+    def _delta_buf(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        buf = self._deltas.get(key)
+        if buf is None or buf.numel() != n:
+            buf = self._deltas[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf
+
+    def _hidden_for(self, params: list[Tensor], states: list[dict[str, Any]], dtype: torch.dtype,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+        """Flat [N, H] LSTM state of ``params`` (in order), whose ``state["h"]``/``state["c"]`` are
+        row views into it. Reused as is when every state already is the expected view (O(#tensors)
+        pointer checks); otherwise rebuilt once by copying (first step, a new set of parameters
+        with gradients, or after ``load_state_dict``)."""
+        key = (dtype, device)
+        flat = self._flat.get(key)
+        sizes = [p.numel() for p in params]
+        if flat is not None and flat[2] == sizes:
+            h, c = flat[0], flat[1]
+            off, ok = 0, True
+            for st, n in zip(states, sizes):
+                sh, sc = st.get("h"), st.get("c")
+                if sh is None or sc is None or sh.data_ptr() != h[off:].data_ptr() or \
+                        sc.data_ptr() != c[off:].data_ptr() or sh.shape != (n, self.hidden_size) or \
+                        sc.shape != (n, self.hidden_size):
+                    ok = False
+                    break
+                off += n
+            if ok:
+                return h, c
+        N, H = sum(sizes), self.hidden_size
+        h = torch.zeros(N, H, dtype=dtype, device=device)
+        c = torch.zeros(N, H, dtype=dtype, device=device)
+        off = 0
+        for st, n in zip(states, sizes):
+            if "step" in st:
+                h[off:off + n].copy_(st["h"])
+                c[off:off + n].copy_(st["c"])
+            else:
+                st["step"] = 0
+            st["h"], st["c"] = h[off:off + n], c[off:off + n]
+            off += n
+        self._flat[key] = (h, c, sizes)
+        return h, c
 
 
 def _features_of(path: Path, net: dict[str, Tensor], meta: dict[str, Any]) -> FeatureSet | None:

@@ -12,6 +12,8 @@ Inputs are standardised with fixed statistics stored beside ω (``in_mean``, ``i
 the first batch of regression data and then frozen) and the output is scaled by ``out_scale``
 (the spread of ψ's actions at that point), so the LSTM works on O(1) numbers although gradients
 and steps are ~1e-3. :func:`step` is pure: ω is a ``{name: tensor}`` mapping, no state is held.
+:class:`FusedPolicy` is the same step for inference, in place on row chunks (what
+:class:`l2o.PredictedStepDescent` runs); :func:`step` stays the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -120,6 +122,61 @@ def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor
     h = torch.sigmoid(o) * torch.tanh(c)
     out = torch.addmm(net["b_out"], h, net["W_out"].T).squeeze(-1)
     return net["out_scale"] * out, Hidden(h, c)
+
+
+class FusedPolicy:
+    """ω prepared for the inference step in place: one ``addmm`` of [x, h] against the stacked
+    [W_ih; W_hh]ᵀ per row chunk, one in-place sigmoid over all four gates, work buffers reused
+    across calls. tanh is evaluated as 2σ(2z) − 1 (torch's CPU sigmoid is several times faster than
+    its tanh); the cell-input gate's weights are stored doubled (exact in floating point) so its
+    σ(2z) comes from the same sigmoid. Same result as :func:`step` up to float rounding."""
+
+    def __init__(self, net: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device | str) -> None:
+        def cast(t: Tensor) -> Tensor:
+            return t.detach().to(dtype=dtype, device=device)
+
+        self.H = int(net["W_hh"].shape[-1])
+        self.P = input_size(net)
+        H = self.H
+        self.w = torch.cat([cast(net["W_ih"]), cast(net["W_hh"])], dim=1).T.contiguous()  # [P+H, 4H]
+        self.b = cast(net["b"]).clone()
+        self.w[:, 2 * H : 3 * H] *= 2  # the g gate's pre-activation doubled: tanh(z) = 2σ(2z) − 1
+        self.b[2 * H : 3 * H] *= 2
+        self.w_out = cast(net["W_out"]).T.contiguous()  # [H, 1]
+        self.b_out = cast(net["b_out"])
+        self.in_mean, self.in_std, self.out_scale = cast(net["in_mean"]), cast(net["in_std"]), cast(net["out_scale"])
+        self.dtype, self.device = dtype, device
+        self._bufs: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _buffers(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self._bufs is None or self._bufs[0].shape[0] < rows:
+            kw = {"dtype": self.dtype, "device": self.device}
+            self._bufs = (torch.empty(rows, self.P + self.H, **kw), torch.empty(rows, 4 * self.H, **kw),
+                          torch.empty(rows, self.H, **kw))
+        return self._bufs
+
+    @torch.no_grad()
+    def step_(self, h: Tensor, c: Tensor, obs: Tensor, out: Tensor, chunk: int) -> None:
+        """Overwrite ``h``, ``c`` [N, H] with the new state and ``out`` [N] with μ^π(obs), ``obs`` [N, P],
+        ``chunk`` rows at a time (all four contiguous)."""
+        n, H, P = obs.shape[0], self.H, self.P
+        xh, gates, tmp = self._buffers(min(chunk, n))
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            r = e - s
+            x, g, t, hc, cc = xh[:r], gates[:r], tmp[:r], h[s:e], c[s:e]
+            torch.sub(obs[s:e], self.in_mean, out=x[:, :P])
+            x[:, :P].div_(self.in_std)
+            x[:, P:].copy_(hc)
+            torch.addmm(self.b, x, self.w, out=g)
+            g.sigmoid_()  # σ(i), σ(f), σ(2g), σ(o)
+            gg, o = g[:, 2 * H : 3 * H], g[:, 3 * H :]
+            gg.mul_(2).sub_(1)  # tanh(g)
+            cc.mul_(g[:, H : 2 * H]).addcmul_(g[:, :H], gg)  # c = σ(f) c + σ(i) tanh(g)
+            torch.mul(cc, 2, out=t).sigmoid_()
+            torch.neg(o, out=hc).addcmul_(o, t, value=2)  # h = σ(o) (2σ(2c) − 1) = σ(o) tanh(c)
+            torch.addmm(self.b_out, hc, self.w_out, out=out[s:e].unsqueeze(1))
+        out.mul_(self.out_scale)
 
 
 def run_sequence(net: Mapping[str, Tensor], obs: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
