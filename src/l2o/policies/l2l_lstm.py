@@ -124,3 +124,65 @@ def step(net: Mapping[str, Tensor], hidden: Hidden, grad: Tensor, *, p: float = 
     h2, c2 = _lstm_cell(h1, hidden.h2, hidden.c2, net["W_ih2"], net["W_hh2"], net["b2"])
     out = torch.addmm(net["b_out"], h2, net["W_out"].T).squeeze(-1)
     return (output_scale * out).reshape(grad.shape), Hidden(h1, c1, h2, c2)
+
+
+class FusedL2L:
+    """φ prepared for the inference step over row chunks: per layer one ``addmm`` of [x, h] against
+    the stacked [W_ih; W_hh]ᵀ, one sigmoid for all four gates, tanh as 2σ(2z) − 1 (the cell-input
+    gate's weights stored doubled, exact in floating point). Reads the old state and writes the new
+    one into separate tensors. Same result as :func:`step` up to float rounding."""
+
+    def __init__(self, net: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device | str,
+                 p: float = PREPROCESS_P, output_scale: float = OUTPUT_SCALE) -> None:
+        def stacked(w_ih: str, w_hh: str, b: str) -> tuple[Tensor, Tensor]:
+            w = torch.cat([net[w_ih], net[w_hh]], dim=1).detach().to(dtype=dtype, device=device).T.contiguous()
+            bias = net[b].detach().to(dtype=dtype, device=device).clone()
+            w[:, 2 * H : 3 * H] *= 2
+            bias[2 * H : 3 * H] *= 2
+            return w, bias
+
+        H = self.H = int(net["W_hh1"].shape[-1])
+        self.w1, self.b1 = stacked("W_ih1", "W_hh1", "b1")
+        self.w2, self.b2 = stacked("W_ih2", "W_hh2", "b2")
+        self.w_out = net["W_out"].detach().to(dtype=dtype, device=device).T.contiguous()
+        self.b_out = net["b_out"].detach().to(dtype=dtype, device=device)
+        self.p, self.output_scale, self.dtype, self.device = p, output_scale, dtype, device
+        self._bufs: tuple[Tensor, ...] | None = None
+
+    def _buffers(self, rows: int) -> tuple[Tensor, ...]:
+        if self._bufs is None or self._bufs[0].shape[0] < rows:
+            kw, H = {"dtype": self.dtype, "device": self.device}, self.H
+            self._bufs = (torch.empty(rows, 2 + H, **kw), torch.empty(rows, 2 * H, **kw),
+                          torch.empty(rows, 4 * H, **kw), torch.empty(rows, H, **kw))
+        return self._bufs
+
+    def _cell(self, g: Tensor, c_old: Tensor, c_new: Tensor, h_new: Tensor, t: Tensor) -> None:
+        H = self.H
+        g.sigmoid_()  # σ(i), σ(f), σ(2g), σ(o)
+        gg, o = g[:, 2 * H : 3 * H], g[:, 3 * H :]
+        gg.mul_(2).sub_(1)  # tanh(g)
+        torch.mul(c_old, g[:, H : 2 * H], out=c_new).addcmul_(g[:, :H], gg)
+        torch.mul(c_new, 2, out=t).sigmoid_()
+        torch.neg(o, out=h_new).addcmul_(o, t, value=2)  # σ(o) tanh(c)
+
+    @torch.no_grad()
+    def step_(self, old: Hidden, new: Hidden, grad: Tensor, out: Tensor, chunk: int) -> None:
+        """Write the new state of ``old`` (each [N, H]) into ``new`` and the step into ``out`` [N],
+        for the flat gradient ``grad`` [N], ``chunk`` rows at a time."""
+        n, H = grad.shape[0], self.H
+        x1, x2, g, t = self._buffers(min(chunk, n))
+        pre = preprocess_gradient(grad, self.p)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            r = e - s
+            a, b, gr, tr = x1[:r], x2[:r], g[:r], t[:r]
+            a[:, :2].copy_(pre[s:e])
+            a[:, 2:].copy_(old.h1[s:e])
+            torch.addmm(self.b1, a, self.w1, out=gr)
+            self._cell(gr, old.c1[s:e], new.c1[s:e], new.h1[s:e], tr)
+            b[:, :H].copy_(new.h1[s:e])
+            b[:, H:].copy_(old.h2[s:e])
+            torch.addmm(self.b2, b, self.w2, out=gr)
+            self._cell(gr, old.c2[s:e], new.c2[s:e], new.h2[s:e], tr)
+            torch.addmm(self.b_out, new.h2[s:e], self.w_out, out=out[s:e].unsqueeze(1))
+        out.mul_(self.output_scale)
