@@ -10,8 +10,10 @@ PRESETS: dict[str, dict] = {
     # The README's main job: needs no download (scikit-learn's bundled digits, real 8x8 images);
     # the shipped learned optimizers beside the seven tuned baselines.
     "demo": {"tasks": ("digits:48-48:b64",), "seeds": 5, "iterations": 400,
-             "optimizers": ("psd", "l2lbgdbgd", "sgd", "momentum", "cg", "lbfgs", "adagrad", "adam", "rmsprop"),
-             "title": "Learned (PSD, L2LBGDBGD) and tuned baselines on digits (embedded default), 48-48 MLP, batch 64"},
+             "optimizers": ("mlp-lopt", "psd", "l2lbgdbgd", "sgd", "momentum", "cg", "lbfgs", "adagrad", "adam",
+                            "rmsprop"),
+             "title": "Learned (mlp-lopt, PSD, L2LBGDBGD) and tuned baselines on digits (embedded default), "
+                      "48-48 MLP, batch 64"},
     # The paper's meta-training objective (Li & Malik 2017, §4).
     "meta-objective": {"tasks": ("mnist:48-48:b64",), "seeds": 5, "iterations": 400,
                        "title": "Tuned baselines on the meta-training objective: MNIST 48-48-10, batch 64"},
