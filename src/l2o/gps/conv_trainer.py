@@ -345,7 +345,7 @@ class ConvGPSTrainer:
         gradient feature when None."""
         if not name:
             return self.features.grad_feature
-        names = tuple(getattr(self.features, "state_names", ()))
+        names = self.features.state_names
         if name not in names:
             raise ValueError(f"conv-GPS config: init_direction {name!r} is not a state feature of "
                              f"{self.features.name!r}; known: {list(names)}")

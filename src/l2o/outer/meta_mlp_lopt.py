@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from l2o.config import check_field_types, read_config_file
+from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.learned.mlp_lopt import MLPLOptArch, flat_to_theta, init_theta, save_policy, theta_to_flat
 from l2o.outer.base import OuterRunResult, run_outer
 from l2o.outer.lopt import MLPLOptProblem
@@ -87,10 +87,7 @@ class MetaMLPLOptConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MetaMLPLOptConfig:
         """Build from a mapping (e.g. parsed TOML), rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown mlp-lopt config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_keys(cls, dict(d), "mlp-lopt")
         return cls(**dict(d))
 
     @classmethod
