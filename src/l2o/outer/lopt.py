@@ -78,3 +78,76 @@ class MLPLOptProblem:
         for k in STATE_KEYS:
             out[k] = new[k].reshape(two, N, self.n)
         return loss.reshape(two, N), out
+
+
+class MLPLOptMixture:
+    """Runs of ``mlp-lopt`` on a mixture of tasks: particle i runs on ``problems[i % K]``.
+
+    The N PES particles are assigned to the K tasks round-robin (so with ``stagger`` every task
+    gets runs of mixed ages) and keep their task for the whole training run, restarts included
+    (:meth:`init_particles`). One inner step steps each task's sub-population with its own
+    :meth:`MLPLOptProblem.step` (one ``vmap`` per task; mini-batches drawn per task, in task order,
+    from the shared generator). Tasks may have different parameter counts (e.g. 48-48 and 100-200
+    nets): the state is one tensor [2, N, n_max] per key, task k's runs using its first n_k
+    coordinates (the rest stay 0), so :class:`~l2o.outer.pes.PESTrainer` sees one state.
+
+    A particle's meta-loss is its task's raw mini-batch loss, unweighted: the tasks are MNIST
+    classifiers (cross-entropy of an MLP on projected MNIST, see
+    :class:`l2o.outer.meta_mlp_lopt.MetaMLPLOptConfig`) whose AdaGrad-θ₀ losses are on one scale
+    (≈0.3–0.6 over a 400-step run), so ĝ is the gradient of the mixture's mean AUC, with each task
+    weighted by its share of particles.
+    """
+
+    def __init__(self, problems: list[MLPLOptProblem]) -> None:
+        if not problems:
+            raise ValueError("mlp-lopt mixture: needs at least one task")
+        first = problems[0]
+        for p in problems[1:]:
+            if p.arch != first.arch or p.dtype != first.dtype:
+                raise ValueError("mlp-lopt mixture: every task's problem needs the same arch and dtype")
+        self.problems = problems
+        self.dim = first.dim
+        self.n = max(p.n for p in problems)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.task.name for p in self.problems]
+
+    def assignment(self, n_particles: int) -> Tensor:
+        """The task index of each particle [N] (round-robin)."""
+        return torch.arange(n_particles) % len(self.problems)
+
+    def init_particles(self, idx: Tensor, gen: torch.Generator) -> State:
+        """Fresh runs [len(idx), n_max] for particles ``idx``, each on its own task (drawn task by task)."""
+        task_of = idx % len(self.problems)
+        dtype = self.problems[0].dtype
+        out: State = {k: torch.zeros(idx.numel(), self.n, dtype=dtype) for k in ("x", *STATE_KEYS)}
+        for k, problem in enumerate(self.problems):
+            rows = (task_of == k).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            runs = problem.init_runs(rows.numel(), gen)
+            for key, v in runs.items():
+                out[key][rows, :problem.n] = v
+        return out
+
+    def init_runs(self, n: int, gen: torch.Generator) -> State:
+        """Fresh runs for particles 0..n-1."""
+        return self.init_particles(torch.arange(n), gen)
+
+    def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
+        N = theta.shape[1]
+        task_of = self.assignment(N)
+        loss = torch.empty(2, N, dtype=self.problems[0].dtype)
+        out: State = {k: torch.zeros_like(v) for k, v in state.items()}
+        for k, problem in enumerate(self.problems):
+            sel = (task_of == k).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            n = problem.n
+            sub = {key: v[:, sel, :n] for key, v in state.items()}
+            sub_loss, sub_state = problem.step(theta[:, sel], sub, t[sel], gen)
+            loss[:, sel] = sub_loss.to(loss.dtype)
+            for key, v in sub_state.items():
+                out[key][:, sel, :n] = v
+        return loss, out

@@ -1,8 +1,10 @@
 """``l2o meta-train mlp-lopt``: Persistent ES on ``mlp-lopt``'s θ over MNIST MLP optimizees.
 
-Starts from the AdaGrad-equivalent θ₀ (:func:`l2o.learned.mlp_lopt.init_theta`), runs
-:class:`l2o.outer.pes.PESTrainer` on :class:`l2o.outer.lopt.MLPLOptProblem` for ``steps`` outer
-steps, checkpoints into OUT/checkpoint.safetensors (exact resume), logs one line per outer step to
+Starts from the AdaGrad-equivalent θ₀ (:func:`l2o.learned.mlp_lopt.init_theta`) or from the θ of
+an ``init_from`` checkpoint, runs :class:`l2o.outer.pes.PESTrainer` on
+:class:`l2o.outer.lopt.MLPLOptProblem` (one ``task``) or :class:`l2o.outer.lopt.MLPLOptMixture`
+(a mixture of MNIST ``tasks``, e.g. one net at batch sizes 64 and 10) for ``steps`` outer steps,
+checkpoints into OUT/checkpoint.safetensors (exact resume), logs one line per outer step to
 OUT/log.jsonl and exports the current θ as OUT/mlp-lopt.safetensors (+ .json) at every checkpoint.
 """
 
@@ -17,9 +19,10 @@ from typing import Any
 import torch
 
 from l2o.config import check_field_types, check_keys, read_config_file
-from l2o.learned.mlp_lopt import MLPLOptArch, flat_to_theta, init_theta, save_policy, theta_to_flat
+from l2o.learned.mlp_lopt import (MLPLOptArch, flat_to_theta, init_theta, load_policy, save_policy,
+                                  theta_to_flat)
 from l2o.outer.base import OuterRunResult, run_outer
-from l2o.outer.lopt import MLPLOptProblem
+from l2o.outer.lopt import MLPLOptMixture, MLPLOptProblem
 from l2o.outer.pes import PESConfig, PESTrainer
 
 TRAIN_KIND = "l2o-meta-mlp-lopt-train"
@@ -36,9 +39,17 @@ class MetaMLPLOptConfig:
     PES: ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
     ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
     steps; ``checkpoint_every`` outer steps per checkpoint; ``seed`` seeds every draw.
+
+    Tasks: ``task`` (one spec), or ``tasks``, a list of MNIST MLP specs (any nets and batch sizes,
+    e.g. ``["mnist:48-48:b64", "mnist:48-48:b10"]``) among which the particles are assigned
+    round-robin (needs ``n_pairs`` ≥ the number of tasks); ``tasks`` replaces ``task`` (a config
+    file may give only one of the two). ``init_from``: a policy (``mlp-lopt.safetensors``) or PES
+    training checkpoint whose θ starts the run instead of θ₀ (its arch must equal this one's).
     """
 
     task: str = "mnist:48-48:b64"
+    tasks: list[str] | None = None
+    init_from: str | None = None
     hidden: int = 32
     base_lr: float = 0.1
     mlp_scale: float = 0.01
@@ -69,10 +80,17 @@ class MetaMLPLOptConfig:
                 raise ValueError(f"mlp-lopt config: {name} must be >= 0, got {getattr(self, name)}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"mlp-lopt config: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.tasks is not None:
+            _check_mixture(self.tasks, self.n_pairs)
         try:
             self.arch, self.pes  # noqa: B018 - validates both
         except ValueError as e:
             raise ValueError(f"mlp-lopt config: {e}") from e
+
+    @property
+    def task_specs(self) -> list[str]:
+        """The meta-training task specs: ``tasks``, or ``[task]``."""
+        return list(self.tasks) if self.tasks is not None else [self.task]
 
     @property
     def arch(self) -> MLPLOptArch:
@@ -88,6 +106,8 @@ class MetaMLPLOptConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> MetaMLPLOptConfig:
         """Build from a mapping (e.g. parsed TOML), rejecting unknown keys by name."""
         check_keys(cls, dict(d), "mlp-lopt")
+        if "task" in d and "tasks" in d:
+            raise ValueError("mlp-lopt config: give either task (one) or tasks (a mixture), not both")
         return cls(**dict(d))
 
     @classmethod
@@ -95,21 +115,81 @@ class MetaMLPLOptConfig:
         return cls.from_dict(read_config_file(path, overrides))
 
 
+def _check_mixture(tasks: Any, n_pairs: int) -> None:
+    """``tasks`` must be a non-empty list of distinct mini-batch MNIST MLP specs (any nets and batch
+    sizes), at most ``n_pairs`` of them (every task needs a particle)."""
+    from l2o.tasks.registry import MLPTaskSpec, parse_task
+
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"mlp-lopt config: tasks must be a list of task spec strings, got {tasks!r}")
+    if not tasks:
+        raise ValueError("mlp-lopt config: tasks is empty; give at least one MNIST task, e.g. [\"mnist:48-48:b64\"]")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"mlp-lopt config: tasks lists a task twice: {tasks!r}")
+    for spec in tasks:
+        try:
+            parsed = parse_task(spec)
+        except ValueError as e:
+            raise ValueError(f"mlp-lopt config: tasks: {e}") from e
+        if not isinstance(parsed, MLPTaskSpec) or parsed.dataset != "mnist":
+            raise ValueError(f"mlp-lopt config: tasks: {spec!r} is not an MNIST MLP task; meta-training may only "
+                             f"use MNIST tasks (DATASET:IN-HIDDEN:bBATCH with DATASET = mnist)")
+        if parsed.batch_size is None:
+            raise ValueError(f"mlp-lopt config: tasks: {spec!r} is full-batch; meta-training needs mini-batch tasks")
+    if len(tasks) > n_pairs:
+        raise ValueError(f"mlp-lopt config: {len(tasks)} tasks need n_pairs >= {len(tasks)} (one particle each), "
+                         f"got n_pairs = {n_pairs}")
+
+
 class _Trainer(PESTrainer):
+    """PES; on a mixture, also logs each task's meta-loss (``meta_loss_by_task``)."""
+
     kind = TRAIN_KIND
+    _last_loss: Any = None
+
+    def _unroll(self, theta_pm: Any) -> Any:
+        self._last_loss = L = super()._unroll(theta_pm)
+        return L
+
+    def estimate(self) -> tuple[Any, dict[str, Any]]:
+        ghat, info = super().estimate()
+        if isinstance(self.problem, MLPLOptMixture):
+            task_of = self.problem.assignment(self.config.n_pairs)
+            info["meta_loss_by_task"] = {name: float(self._last_loss[:, task_of == k].mean())
+                                         for k, name in enumerate(self.problem.names)}
+        return ghat, info
+
+
+def initial_theta(config: MetaMLPLOptConfig) -> torch.Tensor:
+    """θ₀ [D]: the AdaGrad-equivalent init, or the θ of ``config.init_from``."""
+    dtype, arch = _DTYPES[config.dtype], config.arch
+    if config.init_from is None:
+        return theta_to_flat(init_theta(arch, config.init_seed, dtype))
+    theta, saved_arch, _ = load_policy(config.init_from)
+    if saved_arch != arch:
+        raise ValueError(f"mlp-lopt config: init_from {config.init_from} has arch {saved_arch}, the config's is {arch}")
+    return theta_to_flat(theta).to(dtype)
 
 
 def build_trainer(config: MetaMLPLOptConfig, task: Any = None) -> PESTrainer:
-    """The PES trainer for ``config`` at θ₀ (``task`` overrides ``config.task``, e.g. in tests)."""
+    """The PES trainer for ``config`` at its θ₀. ``task`` (a :class:`~l2o.tasks.base.Task`, or a list
+    of them for a mixture, e.g. in tests) overrides ``config.task``/``config.tasks``."""
     if task is None:
         from l2o.tasks.registry import make_task
 
-        task = make_task(config.task, data_dir=config.data_dir)
+        task = [make_task(s, data_dir=config.data_dir) for s in config.task_specs]
+        if config.tasks is None:
+            task = task[0]
     dtype = _DTYPES[config.dtype]
     arch = config.arch
-    problem = MLPLOptProblem(task, arch, dtype)
-    theta0 = theta_to_flat(init_theta(arch, config.init_seed, dtype))
-    return _Trainer(problem, config.pes, theta0, seed=config.seed)
+    if isinstance(task, (list, tuple)):
+        if len(task) > config.n_pairs:
+            raise ValueError(f"mlp-lopt: {len(task)} tasks need n_pairs >= {len(task)}")
+        problems = [MLPLOptProblem(t, arch, dtype) for t in task]
+        problem: Any = problems[0] if len(problems) == 1 else MLPLOptMixture(problems)
+    else:
+        problem = MLPLOptProblem(task, arch, dtype)
+    return _Trainer(problem, config.pes, initial_theta(config), seed=config.seed)
 
 
 def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
@@ -133,7 +213,8 @@ def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: boo
 
         def export(tr: Any, step: int, log: list[dict[str, Any]], wall: float) -> None:
             tail = [r["meta_loss"] for r in log[-100:] if r.get("meta_loss") is not None]
-            info = {"method": "Persistent ES (Vicol et al. 2021) from the AdaGrad-equivalent θ₀",
+            start = "the AdaGrad-equivalent θ₀" if config.init_from is None else f"the θ of {config.init_from}"
+            info = {"method": f"Persistent ES (Vicol et al. 2021) from {start}",
                     "outer_steps": step, "wall_s": round(wall, 2), "config": asdict(config), "command": command,
                     "meta_loss_mean_last100": sum(tail) / len(tail) if tail else None,
                     "meta_loss_definition": "mean mini-batch loss f̂(x_t) over a truncation of W steps, "

@@ -106,14 +106,18 @@ class PESTrainer(OuterTrainer):
 
     # -- inner runs ---------------------------------------------------------------------------
 
-    def _fresh(self, n: int) -> State:
-        return {k: v.unsqueeze(0).expand(2, *v.shape).clone() for k, v in self.problem.init_runs(n, self.gen).items()}
+    def _fresh(self, idx: Tensor) -> State:
+        """Fresh runs for particles ``idx`` (both branches): ``problem.init_particles(idx, gen)`` when the
+        problem has it (runs that depend on the particle, e.g. a task mixture), else ``init_runs``."""
+        init = getattr(self.problem, "init_particles", None)
+        runs = init(idx, self.gen) if init is not None else self.problem.init_runs(idx.numel(), self.gen)
+        return {k: v.unsqueeze(0).expand(2, *v.shape).clone() for k, v in runs.items()}
 
     def _restart(self, mask: Tensor) -> None:
         idx = mask.nonzero().flatten()
         if idx.numel() == 0:
             return
-        fresh = self._fresh(idx.numel())
+        fresh = self._fresh(idx)
         for k in self.state:
             self.state[k][:, idx] = fresh[k]
         self.xi[idx] = 0
@@ -136,7 +140,7 @@ class PESTrainer(OuterTrainer):
         """Fresh runs for all particles, then the staggered burn-in with the unperturbed θ."""
         cfg = self.config
         N = cfg.n_pairs
-        self.state = self._fresh(N)
+        self.state = self._fresh(torch.arange(N))
         if not cfg.stagger:
             self.started = True
             return
