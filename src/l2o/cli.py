@@ -48,10 +48,36 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _jobs(args: argparse.Namespace) -> int:
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["local", "ray"], default=None,
+                   help="where runs execute: local = worker processes on this machine (default); ray = one Ray task "
+                        "per run (needs `pip install l2o[ray]`)")
+    p.add_argument("--address", default=None,
+                   help="with --backend ray: the Ray cluster to use (e.g. auto, or ray://HEAD:10001); without it, "
+                        "a local Ray instance with --jobs CPUs (default: all)")
+
+
+def _check_backend(backend: str, address: str | None) -> None:
+    """Bad backend combinations are one-line usage errors, found before anything runs."""
+    if address is not None and backend != "ray":
+        raise ValueError("--address names a Ray cluster: it needs --backend ray")
+    if address is not None and not str(address).strip():
+        raise ValueError("--address must not be empty (e.g. auto, or ray://HEAD:10001)")
+    from l2o.execution import require_backend
+
+    require_backend(backend)
+
+
+def _jobs(args: argparse.Namespace, backend: str = "local", address: str | None = None) -> int | None:
+    """--jobs, else all CPUs: this machine's (local, or a local Ray instance), the cluster's
+    (``--backend ray --address``: None, no cap on runs in flight)."""
     import os
 
-    return args.jobs if args.jobs is not None else max(1, os.cpu_count() or 1)
+    if args.jobs is not None:
+        return args.jobs
+    if backend == "ray" and address:
+        return None
+    return max(1, os.cpu_count() or 1)
 
 
 def _merge(cfg: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
@@ -60,7 +86,12 @@ def _merge(cfg: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
         v = getattr(args, key)
         if v is not None:
             cfg[key] = v
-    cfg["jobs"] = _jobs(args)
+    if args.backend is not None:
+        cfg["backend"] = args.backend
+    if args.address is not None:
+        cfg["address"] = args.address
+    _check_backend(cfg.get("backend", "local"), cfg.get("address"))
+    cfg["jobs"] = _jobs(args, cfg.get("backend", "local"), cfg.get("address"))
     if args.data_dir:
         cfg["data_dir"] = args.data_dir
     return cfg
@@ -284,15 +315,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from l2o.experiments.reproduce import ReproduceConfig, reproduce
 
+    backend = args.backend or "local"
+    _check_backend(backend, args.address)
     words = ["l2o", "reproduce"] + (["--quick"] if args.quick else [])
     for flag, v in (("--jobs", args.jobs), ("--seeds", args.seeds), ("--out", args.out), ("--doc", args.doc),
-                    ("--data-dir", args.data_dir)):
+                    ("--data-dir", args.data_dir), ("--backend", args.backend),
+                    ("--address", args.address)):
         if v is not None:
             words += [flag, str(v)]
     words += ["--skip-missing"] if args.skip_missing else []
     words += ["--optimizers", *args.optimizers] if args.optimizers else []
-    config = ReproduceConfig(quick=args.quick, seeds=args.seeds, jobs=_jobs(args), data_dir=args.data_dir,
-                             skip_missing=args.skip_missing, command=shlex.join(words),
+    config = ReproduceConfig(quick=args.quick, seeds=args.seeds, jobs=_jobs(args, backend, args.address),
+                             data_dir=args.data_dir, skip_missing=args.skip_missing, command=shlex.join(words),
+                             backend=backend,
+                             address=args.address,
                              **({"optimizers": tuple(args.optimizers)} if args.optimizers else {}))
     out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
     doc = Path(args.doc) if args.doc else (out / "REPRODUCTION.md" if args.quick else Path("docs/REPRODUCTION.md"))
@@ -320,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--title")
     b.add_argument("--out", help="output folder (default runs/<preset>); rerunning resumes")
     _add_common(b)
+    _add_backend(b)
     b.set_defaults(func=cmd_benchmark)
 
     t = sub.add_parser("tune", help="grid-search the baselines' hyperparameters on the meta-training objective")
@@ -333,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--write", help="where to write the tuned settings (default OUT/tuned.json; the packaged "
                    "l2o/baselines/tuned.json is replaced only when named here)")
     _add_common(t)
+    _add_backend(t)
     t.set_defaults(func=cmd_tune)
 
     d = sub.add_parser("data", help="show which datasets are found where (and verify them)")
@@ -362,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the rest when an optimizer cannot run (e.g. weights missing) and mark it absent")
     rp.add_argument("--optimizers", nargs="+", help="a subset of the paper's nine (default: all nine)")
     _add_common(rp)
+    _add_backend(rp)
     rp.set_defaults(func=cmd_reproduce)
 
     ls = sub.add_parser("list", help="list optimizers, task grammar and presets")

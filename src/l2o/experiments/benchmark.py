@@ -7,13 +7,12 @@ as soon as it finishes); :func:`run_benchmark` adds the outputs people read — 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import functools
 import json
-import multiprocessing as mp
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 import l2o
 from l2o.config import check_keys
+from l2o.execution import Executor, check_backend, describe_execution, make_executor
 from l2o.baselines.registry import OptimizerSpec, parse_optimizer
 from l2o.experiments.plots import plot_benchmark
 from l2o.experiments.runner import RunResult, run_optimizer
@@ -30,24 +30,38 @@ from l2o.experiments.store import RunKey, load_result, save_result, write_json_a
 from l2o.experiments.summary import TARGET_RULE, CellStats, markdown_table, summarize, write_csv
 
 
-def _execute(key: RunKey, out: str, data_dir: str | None) -> RunResult:
-    """Worker entry point: build the task, run, save atomically, return the record."""
+def _execute(key: RunKey, out: str | None, data_dir: str | None) -> RunResult:
+    """Worker entry point: build the task, run, return the record (and save it atomically under
+    ``out`` when given; :func:`run_grid` passes None and saves in the driver)."""
     from l2o.tasks.registry import make_task
 
     torch.set_num_threads(1)
     task = make_task(key.task, data_dir=data_dir)
     result = run_optimizer(task, key.optimizer, key.seed, key.iterations)
-    save_result(key, result, Path(out))
+    if out is not None:
+        save_result(key, result, Path(out))
     return result
 
 
-def run_grid(keys: Sequence[RunKey], out: Path, jobs: int = 1, data_dir: str | None = None,
-             progress: bool = True, desc: str = "runs") -> list[RunResult]:
+def _run_key(execute: Callable[[RunKey, str | None, str | None], RunResult], data_dir: str | None,
+             key: RunKey) -> RunResult:
+    """What an executor calls for one key (picklable as a ``functools.partial``; ``execute`` is
+    bound in the driver, so the function shipped to workers is the one the driver sees)."""
+    return execute(key, None, data_dir)
+
+
+def run_grid(keys: Sequence[RunKey], out: Path, jobs: int | None = 1, data_dir: str | None = None,
+             progress: bool = True, desc: str = "runs", *, backend: str = "local", address: str | None = None,
+             executor: Executor | None = None) -> list[RunResult]:
     """Run every key not already stored under ``out``; return all records in ``keys`` order.
 
-    With ``jobs > 1`` runs go to a pool of spawned processes (one torch thread each). Each record
-    is saved by the process that ran it the moment it finishes, so a crash or Ctrl-C loses only
-    the runs in flight; rerunning the same call resumes.
+    Runs go to ``executor`` if given (left open), else to one made by
+    :func:`l2o.execution.make_executor` from ``backend``, ``jobs`` and ``address`` (closed at the
+    end): with the local backend and ``jobs > 1`` a pool of spawned processes, with ``ray`` one
+    Ray task per run. Every run is a pure function of its key (one torch thread), so the backend
+    does not change the records. The driver (this process) saves each record atomically the moment
+    it comes back, so a crash or Ctrl-C — of the driver or of a worker — loses only the runs in
+    flight; rerunning the same call resumes and redoes nothing finished.
     """
     out = Path(out)
     done: dict[RunKey, RunResult] = {}
@@ -60,26 +74,22 @@ def run_grid(keys: Sequence[RunKey], out: Path, jobs: int = 1, data_dir: str | N
             done[k] = r
     from tqdm.auto import tqdm
 
+    owned = executor is None and bool(todo)
+    if owned:
+        executor = make_executor(backend, jobs, address)
     bar = tqdm(total=len(keys), initial=len(done), desc=desc, disable=not progress, unit="run")
     try:
-        if jobs <= 1 or len(todo) <= 1:
-            for k in todo:
-                done[k] = _execute(k, str(out), data_dir)
+        if todo:
+            assert executor is not None
+            job = functools.partial(_run_key, _execute, data_dir)
+            for i, result in executor.map_unordered(job, todo):
+                save_result(todo[i], result, out)
+                done[todo[i]] = result
                 bar.update()
-        else:
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                futures = {pool.submit(_execute, k, str(out), data_dir): k for k in todo}
-                try:
-                    for fut in cf.as_completed(futures):
-                        done[futures[fut]] = fut.result()
-                        bar.update()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
     finally:
         bar.close()
+        if owned and executor is not None:
+            executor.close()
     return [done[k] for k in keys]
 
 
@@ -92,11 +102,13 @@ class BenchmarkConfig:
     optimizers: tuple[str, ...]
     seeds: int = 5
     iterations: int = 400
-    jobs: int = 1
+    jobs: int | None = 1  # worker processes (local) / CPUs of the local Ray instance; None = all CPUs
     data_dir: str | None = None
     tuned: str | None = None  # path of a tuned-settings file; None = the one shipped with l2o
     title: str | None = None
     seed_offset: int = 0
+    backend: str = "local"  # where runs execute: "local" or "ray" (see l2o.execution)
+    address: str | None = None  # Ray cluster address (backend "ray" only); None = a local Ray instance
 
     def __post_init__(self) -> None:
         # A repeated task or optimizer would run (and count) the same runs twice: keep the first.
@@ -110,8 +122,9 @@ class BenchmarkConfig:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.jobs < 1:
+        if self.jobs is not None and self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        check_backend(self.backend, self.jobs, self.address)
         from l2o.tasks.registry import parse_task
 
         for t in self.tasks:
@@ -246,21 +259,28 @@ def check_recorded_config(config: BenchmarkConfig, out: Path) -> None:
                                 "the same settings to resume it, or choose another --out")
 
 
-def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True) -> BenchmarkReport:
+def run_benchmark(config: BenchmarkConfig, out: Path, progress: bool = True,
+                  executor: Executor | None = None) -> BenchmarkReport:
     """Run (or resume) the benchmark and write summary tables, the figure and a manifest.
 
     The output folder is locked for the duration and records the run definition: a concurrent
     benchmark, or a rerun with different tasks/optimizers/seeds/iterations, raises
-    :class:`OutputFolderError` before anything is run or written."""
+    :class:`OutputFolderError` before anything is run or written. Runs execute on ``executor``
+    if given, else on config's backend (the backend is not part of the run definition: a
+    benchmark started on one backend can be resumed on the other)."""
     keys = config.keys()  # parses every spec before anything touches the disk
     with locked_output(Path(out)) as out:
         check_recorded_config(config, out)
-        return _run_benchmark(config, keys, out, progress)
+        return _run_benchmark(config, keys, out, progress, executor)
 
 
-def _run_benchmark(config: BenchmarkConfig, keys: list[RunKey], out: Path, progress: bool) -> BenchmarkReport:
+def _run_benchmark(config: BenchmarkConfig, keys: list[RunKey], out: Path, progress: bool,
+                   executor: Executor | None = None) -> BenchmarkReport:
     t0 = time.perf_counter()
-    results = run_grid(keys, out, config.jobs, config.data_dir, progress, desc="benchmark")
+    results = run_grid(keys, out, config.jobs, config.data_dir, progress, desc="benchmark", backend=config.backend,
+                       address=config.address, executor=executor)
+    where = executor.describe() if executor is not None else \
+        describe_execution(config.backend, config.jobs, config.address)
     shown = group_families(results)
     cells = summarize(shown)
     files = {"csv": out / "summary.csv", "markdown": out / "summary.md", "figure": out / "figure.png",
@@ -270,7 +290,7 @@ def _run_benchmark(config: BenchmarkConfig, keys: list[RunKey], out: Path, progr
     header = f"# Benchmark{': ' + config.title if config.title else ''}\n\n" \
              f"{config.seeds} seeds × {config.iterations} iterations. Final objective and AUC: mean ± 95% " \
              f"t-interval over seeds (AUC = mean true objective over iterations 1..T). Bold: best per task.\n\n" \
-             f"Time to target: {TARGET_RULE}. Runs execute in {config.jobs} worker process(es), one torch thread " \
+             f"Time to target: {TARGET_RULE}. Runs execute in {where}, one torch thread " \
              f"each, so seconds also reflect the machine's load.\n\n"
     files["markdown"].write_text(header + markdown_table(cells))
     plot_benchmark(shown, files["figure"], title=config.title, labels=labels)

@@ -42,6 +42,7 @@ from l2o.baselines.registry import (
     get_optimizer,
     parse_optimizer,
 )
+from l2o.execution import Executor, check_backend, describe_execution, make_executor
 from l2o.experiments.benchmark import environment, run_grid
 from l2o.experiments.runner import RunResult
 from l2o.experiments.store import RunKey, slug, write_json_atomic
@@ -127,19 +128,22 @@ class MissingOptimizerError(ValueError):
 class ReproduceConfig:
     quick: bool = False
     seeds: int | None = None  # None: 5 (2 with quick)
-    jobs: int = 1
+    jobs: int | None = 1  # worker processes (local) / CPUs of the local Ray instance; None = all CPUs
     data_dir: str | None = None
     optimizers: tuple[str, ...] = OPTIMIZERS
     skip_missing: bool = False
     tuned: str | None = None  # tuned-settings file; None = the one shipped with l2o
     settings: tuple[Setting, ...] = SETTINGS
     command: str = "l2o reproduce"
+    backend: str = "local"  # where runs execute: "local" or "ray" (see l2o.execution)
+    address: str | None = None  # Ray cluster address (backend "ray" only)
 
     def __post_init__(self) -> None:
         if self.n_seeds < 2:
             raise ValueError(f"reproduce needs at least 2 seeds for its 95% intervals, got {self.n_seeds}")
-        if self.jobs < 1:
+        if self.jobs is not None and self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        check_backend(self.backend, self.jobs, self.address)
         if not self.optimizers:
             raise ValueError("reproduce needs at least one optimizer")
 
@@ -311,8 +315,10 @@ def _load_manifest(path: Path) -> dict[str, Any]:
 
 
 def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> ReproduceReport:
-    """Run (or resume) the grid, then write figures, tables, scorecard and the document."""
+              log: Callable[[str], None] = print, executor: Executor | None = None) -> ReproduceReport:
+    """Run (or resume) the grid, then write figures, tables, scorecard and the document. Runs
+    execute on ``executor`` if given, else on one made from config's backend, shared by the
+    figures and closed at the end."""
     out = Path(out)
     doc = Path(doc) if doc is not None else out / "REPRODUCTION.md"
     started = datetime.now(timezone.utc)
@@ -352,16 +358,25 @@ def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progr
     total = sum(len(k) for k in keys_by_fig.values())
     before = sum(1 for st in settings for k in keys_by_fig[st.figure] if k.path(out / f"fig{st.figure}").exists())
     log(f"l2o reproduce: {len(settings)} figures × {len(slots)} datasets × {len(ready)} optimizers × "
-        f"{config.n_seeds} seeds = {total} runs ({before} already stored in {out}), {config.jobs} worker(s)")
+        f"{config.n_seeds} seeds = {total} runs ({before} already stored in {out}); runs execute in "
+        f"{describe_execution(config.backend, config.jobs, config.address)}")
 
     cells: list[Cell] = []
-    for st in settings:
-        results = run_grid(keys_by_fig[st.figure], out / f"fig{st.figure}", config.jobs, config.data_dir, progress,
-                           desc=f"Figure {st.figure} ({st.label})")
-        for slot in slots:
-            task = st.task(slot)
-            rs = [r for r in results if r.task == task]
-            cells.append(Cell(st, slot, task, rs, summarize(rs)))
+    owned = executor is None and before < total
+    if owned:
+        executor = make_executor(config.backend, config.jobs, config.address)
+    try:
+        for st in settings:
+            results = run_grid(keys_by_fig[st.figure], out / f"fig{st.figure}", config.jobs, config.data_dir,
+                               progress, desc=f"Figure {st.figure} ({st.label})", backend=config.backend,
+                               address=config.address, executor=executor)
+            for slot in slots:
+                task = st.task(slot)
+                rs = [r for r in results if r.task == task]
+                cells.append(Cell(st, slot, task, rs, summarize(rs)))
+    finally:
+        if owned and executor is not None:
+            executor.close()
     wall = time.perf_counter() - t0
 
     figdir = doc.parent / "figures" / "reproduction"
@@ -381,7 +396,8 @@ def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progr
     invocations.append({"started": started.isoformat(timespec="seconds"), "wall_s": round(wall, 1),
                         "runs_executed": runs_executed, "command": config.command})
     manifest = {
-        "config": {"quick": config.quick, "seeds": config.n_seeds, "jobs": config.jobs, "data_dir": config.data_dir,
+        "config": {"quick": config.quick, "seeds": config.n_seeds, "jobs": config.jobs, "backend": config.backend,
+                   "address": config.address, "data_dir": config.data_dir,
                    "optimizers": list(config.optimizers), "skip_missing": config.skip_missing, "tuned": config.tuned},
         "settings": [dataclasses.asdict(s) for s in settings],
         "datasets": data,
@@ -506,7 +522,8 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
           "| | |", "|---|---|",
           f"| l2o | {env['l2o']}{' (git ' + manifest['git'] + ')' if manifest.get('git') else ''} |",
           f"| torch / Python | {env['torch']} / {env['python']} |",
-          f"| machine | {env['machine']}, {env['cpus']} CPUs; {config.jobs} worker process(es), 1 torch thread each |",
+          (f"| machine | {env['machine']}, {env['cpus']} CPUs; runs in "
+          f"{describe_execution(config.backend, config.jobs, config.address)}, 1 torch thread each |"),
           (f"| runs | {n_runs} ({len(settings)} figures × {len(config.slots())} datasets × "
           f"{sum(s.available for s in statuses)} optimizers × {config.n_seeds} seeds) |"),
           (f"| wall time | {_dur(total_wall)} over {len(manifest['invocations'])} invocation(s) "

@@ -21,6 +21,7 @@ import numpy as np
 from l2o.baselines.registry import BASELINES, OptimizerSpec, get_optimizer
 from l2o.baselines.tuned import TunedSettings
 from l2o.config import check_keys
+from l2o.execution import Executor, check_backend
 from l2o.experiments.benchmark import environment, run_grid
 from l2o.experiments.store import RunKey
 from l2o.tasks.registry import META_TRAINING_TASK
@@ -38,9 +39,11 @@ class TuningConfig:
     seeds: int = 3
     iterations: int = 400
     criterion: str = "auc"
-    jobs: int = 1
+    jobs: int | None = 1  # worker processes (local) / CPUs of the local Ray instance; None = all CPUs
     seed_offset: int = 1000
     data_dir: str | None = None
+    backend: str = "local"  # where runs execute: "local" or "ray" (see l2o.execution)
+    address: str | None = None  # Ray cluster address (backend "ray" only)
     # Per-optimizer grid overrides, e.g. {"sgd": {"lr": [1.0, 3.0, 10.0]}}: a listed hyperparameter's
     # values replace the registry grid's (unlisted ones keep the registry's values).
     grids: dict[str, dict[str, tuple[Any, ...]]] | None = None
@@ -58,8 +61,9 @@ class TuningConfig:
             raise ValueError("tuning needs at least one task")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.seeds < 1 or self.iterations < 1 or self.jobs < 1:
+        if self.seeds < 1 or self.iterations < 1 or (self.jobs is not None and self.jobs < 1):
             raise ValueError("seeds, iterations and jobs must be >= 1")
+        check_backend(self.backend, self.jobs, self.address)
         for name in self.optimizers:
             if get_optimizer(name).learned:
                 raise ValueError(f"{name!r} is a learned optimizer: it is meta-trained, not grid-searched")
@@ -97,14 +101,17 @@ class TuningConfig:
         return cls(**d)
 
 
-def tune(config: TuningConfig, out: Path, progress: bool = True, command: str | None = None) -> TunedSettings:
-    """Run the grid (resumable under ``out``) and return the chosen settings with all scores."""
+def tune(config: TuningConfig, out: Path, progress: bool = True, command: str | None = None,
+         executor: Executor | None = None) -> TunedSettings:
+    """Run the grid (resumable under ``out``; on ``executor`` if given, else on config's backend)
+    and return the chosen settings with all scores."""
     seeds = list(range(config.seed_offset, config.seed_offset + config.seeds))
     specs = {name: [OptimizerSpec.make(name, {**get_optimizer(name).defaults, **p})
                     for p in config.grid_points(name)] for name in config.optimizers}
     keys = [RunKey(task, s, seed, config.iterations)
             for ss in specs.values() for s in ss for task in config.tasks for seed in seeds]
-    results = run_grid(keys, Path(out), config.jobs, config.data_dir, progress, desc="tuning")
+    results = run_grid(keys, Path(out), config.jobs, config.data_dir, progress, desc="tuning",
+                       backend=config.backend, address=config.address, executor=executor)
     by_spec: dict[str, list] = {}
     for r in results:
         by_spec.setdefault(r.optimizer, []).append(r)
