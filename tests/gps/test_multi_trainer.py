@@ -11,7 +11,7 @@ import torch
 
 from l2o.checkpoint import CheckpointError
 from l2o.gps import GPSConfig, LinearQuadraticEnv
-from l2o.gps.multi_trainer import CHECKPOINT_NAME, LOG_NAME, MultiConditionGPSTrainer
+from l2o.gps.trainer import CHECKPOINT_NAME, LOG_NAME, ConditionSetting, MultiConditionGPSTrainer
 
 DT = torch.float64
 TIMING = ("wall_s", "lqg_s")
@@ -120,7 +120,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch) -> None:
 
     envs, pi_a, cfg, out_a = _tiny(tmp_path, "a")
     tr = MultiConditionGPSTrainer(envs, pi_a, cfg, out_a)
-    real = MultiConditionGPSTrainer._pi_step
+    real = ConditionSetting.fit_pi
     calls = {"n": 0}
 
     def dying(self, *a, **k):
@@ -129,10 +129,10 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch) -> None:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(MultiConditionGPSTrainer, "_pi_step", dying)
+    monkeypatch.setattr(ConditionSetting, "fit_pi", dying)
     with pytest.raises(KeyboardInterrupt):
         tr.train()
-    monkeypatch.setattr(MultiConditionGPSTrainer, "_pi_step", real)
+    monkeypatch.setattr(ConditionSetting, "fit_pi", real)
     assert len((out_a / LOG_NAME).read_text().splitlines()) == 2
     envs_b, pi_b, _, _ = _tiny(tmp_path, "unused")
     resumed = MultiConditionGPSTrainer.resume(out_a, envs_b, pi_b)

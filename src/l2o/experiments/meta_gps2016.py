@@ -4,7 +4,7 @@
 training objectives of one family (:class:`~l2o.gps.optimizer_env.OptimizerEnv2016`), π = the MLP
 of :class:`~l2o.policies.mlp2016.MLPPolicy2016`, and runs GPS in one of two modes:
 
-* ``conditions = C > 0`` (multi-condition GPS, :class:`~l2o.gps.multi_trainer.MultiConditionGPSTrainer`):
+* ``conditions = C > 0`` (multi-condition GPS, :class:`~l2o.gps.trainer.MultiConditionGPSTrainer`):
   the first C training objectives are the conditions, each with its own ψ_c, dynamics and cost
   models, λ_c, ν_c and trust region ε_c; one π is regressed on all conditions' samples. A *fixed*
   set, not a rotating one: ψ_c's trust-region ratio test and the λ_c/ν_c schedules compare
@@ -34,9 +34,9 @@ import torch
 from l2o.config import check_keys
 from l2o.features.history2016 import feature_dim
 from l2o.gps.linear_gaussian import LinearGaussianPolicy
-from l2o.gps.multi_trainer import MultiConditionGPSTrainer
+
 from l2o.gps.optimizer_env import OptimizerEnv2016
-from l2o.gps.trainer import CHECKPOINT_NAME, GPSConfig, GPSTrainer
+from l2o.gps.trainer import CHECKPOINT_NAME, GPSConfig, GPSTrainer, MultiConditionGPSTrainer
 from l2o.optim.lto2016 import save_policy
 from l2o.policies.mlp2016 import MLPPolicy2016
 from l2o.tasks.synthetic import FAMILIES

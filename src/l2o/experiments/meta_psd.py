@@ -43,23 +43,7 @@ def meta_train(config: ConvGPSConfig, out: str | os.PathLike, resume: bool = Fal
     if (out / CHECKPOINT_NAME).exists() and not resume:
         raise FileExistsError(f"{out / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out")
     trainer = ConvGPSTrainer(config, out, command=command, progress=progress)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.iterations, desc="Convolutional GPS", unit="it")
-
-    def report(rec: dict[str, Any]) -> None:
-        if bar is not None:
-            bar.n = rec["iteration"] + 1
-            bar.set_postfix(psi=f"{rec['psi_auc']:.4f}", pi=f"{rec['pi_auc'] or float('nan'):.4f}", refresh=False)
-            bar.refresh()
-
-    try:
-        log = trainer.train(callback=report)
-    finally:
-        if bar is not None:
-            bar.close()
+    log = trainer.train()
     return MetaPSDResult(log, trainer.wall, out / CHECKPOINT_NAME, out / POLICY_NAME, out / LOG_NAME)
 
 

@@ -3,8 +3,9 @@
 Time-varying linear-Gaussian policies ψ and dynamics p̃ (:mod:`.linear_gaussian`), dynamics
 fitting with a NIW prior (:mod:`.dynamics`), quadratic cost models (:mod:`.cost`) and LQG with a
 KL trust region (:mod:`.lqg`). Everything is float64 with time as the leading dimension.
-On top: Bregman-ADMM updates (:mod:`.badmm`), the environment interface (:mod:`.env`) and the GPS
-training loop (:mod:`.trainer`).
+On top: Bregman-ADMM updates (:mod:`.badmm`), the environment interface (:mod:`.env`), the one GPS
+iteration (:mod:`.loop`) and its settings: conditions (:mod:`.trainer`) and coordinate groups
+(:mod:`.conv_trainer`).
 """
 
 from .badmm import (
@@ -59,8 +60,8 @@ from .lqg import (
     solve_fixed_eta,
     solve_trust_region,
 )
-from .multi_trainer import MultiConditionGPSTrainer
-from .trainer import GPSConfig, GPSIterationError, GPSTrainer
+
+from .trainer import GPSConfig, GPSIterationError, GPSTrainer, MultiConditionGPSTrainer
 
 __all__ = [
     "QuadraticCost",
