@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from l2o.optim.psd import DEFAULT_CHECKPOINT, PredictedStepDescent
-from l2o.policies.psd_lstm import init_net, save_policy
+from l2o.learned.psd import DEFAULT_CHECKPOINT, PredictedStepDescent
+from l2o.learned.psd import init_net, save_policy
 from l2o.tasks.mlp import MLPClassifierTask, ProjectedData
 
 BATCH = 64

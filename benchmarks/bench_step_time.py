@@ -69,8 +69,8 @@ def synthetic_task(inputs: int, hidden: int, classes: int = 10, examples: int = 
 def policy_products(opt) -> list[tuple[int, int]] | None:
     """The (in, out) sizes of the per-coordinate matrix products of a learned optimizer's network
     (one per LSTM layer with [x, h] stacked, plus the output layer); None if unknown."""
-    from l2o.optim.l2l import L2LBGDBGD
-    from l2o.optim.psd import PredictedStepDescent
+    from l2o.learned.l2l import L2LBGDBGD
+    from l2o.learned.psd import PredictedStepDescent
 
     if isinstance(opt, PredictedStepDescent):
         H, P = opt.hidden_size, int(opt._net["W_ih"].shape[1])

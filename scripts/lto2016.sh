@@ -3,7 +3,7 @@
 #   1. tune gradient descent, momentum, CG and L-BFGS on the family's 90 training objectives
 #      (configs/lto2016-FAMILY-tuning.toml -> configs/tuned-lto2016-FAMILY.json);
 #   2. meta-train the 2016 policy with multi-condition GPS (configs/lto2016-FAMILY.toml), and copy
-#      π to src/l2o/optim/weights/lto2016-FAMILY.safetensors;
+#      π to src/l2o/learned/weights/lto2016-FAMILY.safetensors;
 #   3. benchmark the learned optimizer and the tuned baselines on 100 held-out test objectives
 #      (T = 100, the trained horizon is 40);
 #   4. report the mean margins (over T and over the first 40 iterations) and the mean curve figure.
@@ -18,7 +18,7 @@ steps=${*:-tune train bench margin}
 L2O=${L2O:-.venv/bin/l2o}
 PY=${PY:-.venv/bin/python}
 tuned=configs/tuned-lto2016-$fam.json
-policy=src/l2o/optim/weights/lto2016-$fam.safetensors
+policy=src/l2o/learned/weights/lto2016-$fam.safetensors
 bench=runs/lto2016-$fam-test
 for step in $steps; do
   case $step in

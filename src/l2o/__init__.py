@@ -29,7 +29,7 @@ def make_optimizer(spec: str, params: Any) -> Any:
 def __getattr__(name: str) -> Any:
     # Lazy, so that ``import l2o`` stays light (no torch import until an optimizer is asked for).
     if name == "PredictedStepDescent":
-        from l2o.optim.psd import PredictedStepDescent
+        from l2o.learned.psd import PredictedStepDescent
 
         return PredictedStepDescent
     raise AttributeError(f"module 'l2o' has no attribute {name!r}")

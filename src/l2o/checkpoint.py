@@ -64,15 +64,39 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta_json = json.dumps({"format": FORMAT, "kind": kind, **meta}, sort_keys=True, allow_nan=False)
     header = {"l2o.meta": meta_json, "l2o.sha256": _digest(tensors, meta_json)}
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _atomic(path: Path, write: Any) -> Path:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it into place: the file is
+    either the complete new one or the old one, never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (flushed to disk before the rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _atomic(Path(path), write)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON (no NaN or inf) to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(obj, allow_nan=False))
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

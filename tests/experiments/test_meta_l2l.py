@@ -16,11 +16,10 @@ from l2o.experiments.meta_l2l import (
     LOG_NAME,
     POLICY_NAME,
     MetaL2LConfig,
-    load_policy,
     meta_train,
     unroll_meta_loss,
 )
-from l2o.policies.l2l_lstm import NET_KEYS, init_hidden, init_net
+from l2o.learned.l2l import NET_KEYS, init_hidden, init_net, load_policy
 from l2o.tasks.base import Group, Params, Task
 
 
@@ -217,7 +216,7 @@ def test_shipped_config_file_parses():
 
 def test_cli_meta_train_and_resume(tmp_path, capsys):
     from l2o.cli import main
-    from l2o.optim.l2l import L2LBGDBGD
+    from l2o.learned.l2l import L2LBGDBGD
 
     conf = tmp_path / "l2l.toml"
     conf.write_text('task = "logreg/train/0"\nhorizon = 10\nunroll = 5\nepisodes = 2\nmeta_lr = 0.01\n')
@@ -239,7 +238,7 @@ def test_cli_meta_train_and_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("forge", ["drop-log", "drop-config", "nan-weights", "config-not-object"])
 def test_resume_refuses_forged_checkpoints_with_a_checkpoint_error(tmp_path, forge):
-    from tests.optim.test_learned_robustness import _drop_meta, _forge, _set_meta
+    from tests.learned.test_learned_robustness import _drop_meta, _forge, _set_meta
 
     cfg = _tiny_config(episodes=2)
     meta_train(cfg, tmp_path, progress=False, task_sampler=_sampler, stop_after=1)

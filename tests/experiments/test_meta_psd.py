@@ -9,7 +9,7 @@ import torch
 
 from l2o.experiments.meta_psd import meta_train
 from l2o.gps.conv_trainer import ConvGPSConfig
-from l2o.optim.psd import PredictedStepDescent
+from l2o.learned.psd import PredictedStepDescent
 from l2o.tasks.registry import make_task
 
 

@@ -160,7 +160,7 @@ def test_cli_quick_writes_its_document_into_the_output_folder(tmp_path, capsys):
 
 
 def test_learned_optimizer_with_weights_is_scored_and_weight_changes_are_refused(tmp_path):
-    psd_lstm = pytest.importorskip("l2o.policies.psd_lstm")
+    psd_lstm = pytest.importorskip("l2o.learned.psd")
     policy = psd_lstm.save_policy(tmp_path / "psd.safetensors", psd_lstm.init_net(0), {"note": "untrained test weights"})
     kw = {"optimizers": ("sgd", f"psd:checkpoint={policy}"), "settings": SETTINGS[:1]}
     report = _quick(tmp_path, **kw)

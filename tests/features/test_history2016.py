@@ -11,7 +11,7 @@ from l2o.experiments.meta_gps2016 import gradient_descent_psi
 from l2o.gps.env import LinearGaussianController
 from l2o.gps.linear_gaussian import LinearGaussianPolicy
 from l2o.gps.optimizer_env import OptimizerEnv2016
-from l2o.policies.mlp2016 import MLPPolicy2016
+from l2o.learned.lto2016 import MLPPolicy2016
 from l2o.tasks import FAMILIES, Group, Task, flatten, unflatten
 
 
@@ -123,7 +123,7 @@ def test_mlp_policy_shapes_and_errors():
 
 
 def test_learned_optimizer_2016_steps_by_its_policy_and_round_trips(tmp_path):
-    from l2o.optim.lto2016 import LearnedOptimizer2016, save_policy
+    from l2o.learned.lto2016 import LearnedOptimizer2016, save_policy
 
     task = FAMILIES["logreg"]().sample("test", 0)
     H = 3

@@ -29,7 +29,7 @@ from l2o.gps.conv_trainer import (
     initial_psi,
     telescoped_cost,
 )
-from l2o.policies import psd_lstm
+from l2o.learned import psd
 from l2o.tasks.base import Group, Task
 from tests.conftest import tiny_mlp_task
 
@@ -142,12 +142,12 @@ def test_telescoped_cost_rejects_bad_curvature():
 
 def test_lstm_controller_rollout_matches_the_policy_on_offline_features():
     task = tiny_mlp_task()
-    net = psd_lstm.init_net(1)
+    net = psd.init_net(1)
     net["W_out"] = torch.randn(1, 128, generator=torch.Generator().manual_seed(0)) * 0.05
     T = 8
     r = rollout(task, LSTMController(net), 4, T, 3, record_states=False, return_history=True)
     xs, gs, fs = r.history
-    steps, _ = psd_lstm.run_sequence(net, observation_features(xs[:T], gs[:T], fs[:T]))
+    steps, _ = psd.run_sequence(net, observation_features(xs[:T], gs[:T], fs[:T]))
     torch.testing.assert_close(xs[1:] - xs[:-1], steps, rtol=1e-4, atol=1e-6)
 
 
@@ -180,7 +180,7 @@ def test_trainer_runs_logs_and_saves_a_loadable_policy(tmp_path):
         assert math.isfinite(r["pi_regression_rel_rmse"])
     lines = (tmp_path / LOG_NAME).read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
-    _net, meta = psd_lstm.load_policy(tmp_path / POLICY_NAME)
+    _net, meta = psd.load_policy(tmp_path / POLICY_NAME)
     assert meta["training"]["config"]["horizon"] == 10
     assert meta["training"]["heldout_auc"] == pytest.approx(min(r["pi_auc"] for r in log))
 
@@ -194,7 +194,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
     # "kill" after iteration 1: a fresh process object continues from the checkpoint
     resumed = ConvGPSTrainer(_config(iterations=3), tmp_path / "part", task=task, progress=False)
     resumed.train()
-    for k in psd_lstm.NET_KEYS:
+    for k in psd.NET_KEYS:
         assert torch.equal(full.net[k], resumed.net[k]), k
     for a, b in zip(full.groups, resumed.groups):
         assert torch.equal(a.psi.K, b.psi.K) and torch.equal(a.lam, b.lam) and torch.equal(a.nu, b.nu)
@@ -239,7 +239,7 @@ def test_curvature_along_the_mean_action_ignores_the_exploration_noise():
 def test_curvature_on_an_independent_batch_is_that_batchs_hessian_along_the_step():
     """curvature_batch='independent': h_{g,0} = a_gᵀ(Ĥ_B a)_g / a_gᵀa_g for the batch B drawn by the
     rollout's own curvature generator, not the batch the step came from."""
-    from l2o.tasks.base import flatten, unflatten
+    from l2o.tasks.base import unflatten
 
     task = tiny_mlp_task()
     T, seed = 2, 3

@@ -14,6 +14,7 @@ because they must do their line search and curvature pairs on one iteration's mi
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,10 @@ def register_optimizer(entry: OptimizerEntry) -> OptimizerEntry:
 def get_optimizer(name: str) -> OptimizerEntry:
     _load_plugins()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(_REGISTRY)}")
+        if name in _plugin_errors:
+            raise ValueError(f"optimizer {name!r} is unavailable: its plugin failed to import ({_plugin_errors[name]})")
+        hint = "" if _plugins_loaded else f" (no {PLUGIN_GROUP!r} entry points found: is l2o installed? pip install -e .)"
+        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(_REGISTRY)}{hint}")
     return _REGISTRY[name]
 
 
@@ -162,19 +166,31 @@ def optimizer_names(learned: bool | None = None) -> list[str]:
     return [n for n, e in _REGISTRY.items() if learned is None or e.learned == learned]
 
 
-_PLUGINS: tuple[str, ...] = ("l2o.optim.l2l", "l2o.optim.psd", "l2o.optim.lto2016", "l2o.learned.mlp_lopt")  # modules that register learned optimizers when imported
-_plugins_loaded = False
+PLUGIN_GROUP = "l2o.optimizers"
+"""Entry-point group of the modules that register learned optimizers when imported (l2o's own are
+declared in its pyproject.toml; any installed package may add more)."""
+_plugins_loaded: set[str] = set()
+_plugin_errors: dict[str, str] = {}
 
 
 def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    import importlib
+    """Import every registered plugin module not imported yet. One that fails is warned about and
+    kept in ``_plugin_errors`` (its optimizer's lookup names the failure), never marked loaded:
+    the next lookup tries it again."""
+    from importlib.metadata import entry_points
 
-    for mod in _PLUGINS:
-        importlib.import_module(mod)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.value in _plugins_loaded:
+            continue
+        try:
+            ep.load()
+        except Exception as e:  # any import-time failure of a third-party module is reported, not raised
+            _plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"learned-optimizer plugin {ep.name!r} ({ep.value}) failed to import: {e}",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        _plugins_loaded.add(ep.value)
+        _plugin_errors.pop(ep.name, None)
 
 
 def _sgd(params: list[torch.Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from l2o.baselines.registry import OptimizerSpec
+from l2o.checkpoint import write_json_atomic
 
 FORMAT_VERSION = 1
 _REQUIRED = {"format_version", "task", "iterations", "seeds", "criterion", "command", "environment", "settings", "grid"}
@@ -54,8 +55,6 @@ class TunedSettings:
                 "environment": self.environment, "settings": self.settings, "grid": self.grid}
 
     def save(self, path: Path) -> Path:
-        from l2o.experiments.store import write_json_atomic
-
         write_json_atomic(Path(path), self.to_dict())
         return Path(path)
 

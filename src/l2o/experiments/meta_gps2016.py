@@ -2,7 +2,7 @@
 
 ``l2o meta-train gps2016 --config configs/lto2016-logreg.toml`` builds the optimizer MDP over the
 training objectives of one family (:class:`~l2o.gps.optimizer_env.OptimizerEnv2016`), π = the MLP
-of :class:`~l2o.policies.mlp2016.MLPPolicy2016`, and runs GPS in one of two modes:
+of :class:`~l2o.learned.lto2016.MLPPolicy2016`, and runs GPS in one of two modes:
 
 * ``conditions = C > 0`` (multi-condition GPS, :class:`~l2o.gps.trainer.MultiConditionGPSTrainer`):
   the first C training objectives are the conditions, each with its own ψ_c, dynamics and cost
@@ -18,7 +18,7 @@ of :class:`~l2o.policies.mlp2016.MLPPolicy2016`, and runs GPS in one of two mode
 ψ starts as gradient descent (gps.md §2 CHOICE: K_t selects −lr × the current gradient block of
 the state) with exploration noise, so the first samples are sane runs, not random walks. After
 every GPS iteration the trainer checkpoints; a killed run resumes with ``--resume``. At the end
-π is exported as ``policy.safetensors`` for :class:`~l2o.optim.lto2016.LearnedOptimizer2016`.
+π is exported as ``policy.safetensors`` for :class:`~l2o.learned.lto2016.LearnedOptimizer2016`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from l2o.gps.linear_gaussian import LinearGaussianPolicy
 
 from l2o.gps.optimizer_env import OptimizerEnv2016
 from l2o.gps.trainer import CHECKPOINT_NAME, GPSConfig, GPSTrainer, MultiConditionGPSTrainer
-from l2o.optim.lto2016 import save_policy
-from l2o.policies.mlp2016 import MLPPolicy2016
+from l2o.learned.lto2016 import save_policy
+from l2o.learned.lto2016 import MLPPolicy2016
 from l2o.tasks.synthetic import FAMILIES
 
 POLICY_NAME = "policy.safetensors"

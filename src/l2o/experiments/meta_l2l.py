@@ -1,7 +1,7 @@
 """Meta-training the L2LBGDBGD LSTM optimizer (Andrychowicz et al. 2016) by truncated BPTT.
 
 An episode runs the optimizee θ from a fresh x⁽⁰⁾ for ``horizon`` steps of
-θ_{t+1} = θ_t + g_t, [g_t, h_{t+1}] = m(∇f̂_t(θ_t), h_t; φ) (see :mod:`l2o.policies.l2l_lstm`),
+θ_{t+1} = θ_t + g_t, [g_t, h_{t+1}] = m(∇f̂_t(θ_t), h_t; φ) (see :mod:`l2o.learned.l2l`),
 cut into unrolls of ``unroll`` steps. After each unroll, Adam takes one step on φ along ∇_φ of the
 paper's meta-loss L(φ) = Σ_{t=1}^{U} f̂_{B_t}(θ_t) (weights w_t = 1; f̂ on the mini-batch B_t that
 step t also uses for its gradient, so each term is an unbiased estimate of f(θ_t)); θ and h are
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -33,22 +32,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 from l2o.config import check_field_types, read_config_file
-from l2o.policies.l2l_lstm import (
-    NET_KEYS,
-    Hidden,
-    check_net,
-    init_hidden,
-    init_net,
-    step,
-)
+from l2o.learned.l2l import NET_KEYS, TRAIN_KIND, Hidden, check_net, init_hidden, init_net, save_policy, step
 from l2o.tasks.base import Task, flatten, unflatten
 
-TRAIN_KIND = "l2o-meta-l2l-train"
-"""Checkpoint kind of the resumable training state."""
-POLICY_KIND = "l2o-l2l-policy"
-"""Checkpoint kind of the LSTM weights φ that :class:`l2o.optim.l2l.L2LBGDBGD` loads."""
 CHECKPOINT_NAME = "checkpoint.safetensors"
 POLICY_NAME = "l2lbgdbgd.safetensors"
 LOG_NAME = "metaloss.jsonl"
@@ -212,17 +200,6 @@ def _seeds(seed: int) -> tuple[int, int]:
     return 2 * seed + 1_000_003, 2 * seed + 2_000_029
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def policy_meta(config: MetaL2LConfig, log: list[dict[str, Any]], wall_s: float, command: str | None) -> dict[str, Any]:
     """Metadata stored with the exported weights (architecture, how they were trained)."""
     tail = [r["meta_loss"] for r in log[-10:] if r["meta_loss"] is not None]
@@ -241,66 +218,6 @@ def policy_meta(config: MetaL2LConfig, log: list[dict[str, Any]], wall_s: float,
             "torch": torch.__version__,
         },
     }
-
-
-def save_policy(path: str | os.PathLike, net: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write φ as a policy checkpoint plus a small JSON description beside it (same stem)."""
-    path = save_checkpoint(path, {k: net[k].detach().to(torch.float32) for k in NET_KEYS}, meta, kind=POLICY_KIND)
-    import hashlib
-
-    info = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **meta}
-    _write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-MAX_OUTPUT_SCALE = 100.0
-"""Largest |output_scale| a checkpoint may carry (Andrychowicz et al. use 0.1)."""
-MAX_PREPROCESS_P = 50.0
-"""Largest preprocessing p a checkpoint may carry (ρ multiplies small gradients by e^p)."""
-
-
-def check_policy_meta(meta: Any, hidden_size: int, where: str) -> dict[str, Any]:
-    """The fields L2LBGDBGD needs from a checkpoint's metadata, validated: ``hidden_size`` (must
-    equal the weights' H), ``preprocess_p`` in (0, 50], ``output_scale`` finite, nonzero, |·| ≤ 100.
-    Anything missing, of the wrong type or out of range raises :class:`CheckpointError`."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{where}: metadata must be a JSON object, got {type(meta).__name__}")
-    missing = [k for k in ("hidden_size", "preprocess_p", "output_scale") if k not in meta]
-    if missing:
-        raise CheckpointError(f"{where}: metadata lacks {', '.join(missing)}")
-    hs, p, scale = meta["hidden_size"], meta["preprocess_p"], meta["output_scale"]
-    if not isinstance(hs, int) or isinstance(hs, bool) or hs != hidden_size:
-        raise CheckpointError(f"{where}: metadata hidden_size {hs!r} does not match the weights' {hidden_size}")
-    for name, v in (("preprocess_p", p), ("output_scale", scale)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise CheckpointError(f"{where}: metadata {name} must be a finite number, got {v!r}")
-    if not 0 < p <= MAX_PREPROCESS_P:
-        raise CheckpointError(f"{where}: metadata preprocess_p must be in (0, {MAX_PREPROCESS_P:g}], got {p!r}")
-    if not 0 < abs(scale) <= MAX_OUTPUT_SCALE:
-        raise CheckpointError(f"{where}: metadata output_scale must be nonzero with |output_scale| <= "
-                              f"{MAX_OUTPUT_SCALE:g}, got {scale!r}")
-    return {**meta, "hidden_size": hs, "preprocess_p": float(p), "output_scale": float(scale)}
-
-
-def load_policy(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read φ and its metadata from a policy checkpoint, or from a training checkpoint; weights
-    and metadata are validated (:func:`check_policy_meta`), any problem is a :class:`CheckpointError`."""
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") == TRAIN_KIND:
-        net = {k: tensors[f"net.{k}"] for k in NET_KEYS if f"net.{k}" in tensors}
-        cfg = meta.get("config")
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"checkpoint {path}: training checkpoint without a config object")
-        meta = {k: cfg[k] for k in ("hidden_size", "preprocess_p", "output_scale") if k in cfg}
-    elif meta.get("kind") == POLICY_KIND:
-        net = dict(tensors)
-    else:
-        raise CheckpointError(f"checkpoint {path} holds {meta.get('kind')!r}, expected {POLICY_KIND!r} or {TRAIN_KIND!r}")
-    try:
-        hidden = check_net(net)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from e
-    return net, check_policy_meta(meta, int(hidden), f"checkpoint {path}")
 
 
 def _save_state(path: Path, config: MetaL2LConfig, net: Mapping[str, Tensor], adam: torch.optim.Adam,
@@ -361,7 +278,7 @@ def _restore(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any], confi
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
-    _write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
 
 
 def run_episode(
@@ -425,7 +342,7 @@ def meta_train(
 
     ``out`` receives ``checkpoint.safetensors`` (the resumable state), ``metaloss.jsonl`` (one
     line per episode; ``meta_loss`` is the episode's mean mini-batch loss over its T steps) and
-    ``l2lbgdbgd.safetensors`` + ``.json`` (the weights for :class:`l2o.optim.l2l.L2LBGDBGD`).
+    ``l2lbgdbgd.safetensors`` + ``.json`` (the weights for :class:`l2o.learned.l2l.L2LBGDBGD`).
     ``resume=True`` continues from the checkpoint (the config must match except ``episodes`` and
     ``data_dir``); without it an existing checkpoint is an error. ``stop_after`` ends the call once
     that many episodes are complete (simulates an interruption). ``task_sampler(episode)`` replaces

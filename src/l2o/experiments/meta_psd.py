@@ -4,7 +4,7 @@ A thin driver over :class:`l2o.gps.conv_trainer.ConvGPSTrainer`: it reads the co
 (or resumes) the GPS iterations with a progress bar, and leaves in the output folder the training
 checkpoint, the per-iteration log and ``psd.safetensors`` — the π with the lowest true-objective
 AUC on held-out seeds of the training objective, with the command and config that produced it.
-Shipping it is a copy: ``cp OUT/psd.safetensors OUT/psd.json src/l2o/optim/weights/``.
+Shipping it is a copy: ``cp OUT/psd.safetensors OUT/psd.json src/l2o/learned/weights/``.
 """
 
 from __future__ import annotations

@@ -9,15 +9,14 @@ hyperparameters, seed, iterations) is the one asked for; anything else is run ag
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from l2o.baselines.registry import OptimizerSpec
+from l2o.checkpoint import write_json_atomic
 from l2o.experiments.runner import RunResult
 
 
@@ -40,21 +39,6 @@ class RunKey:
 
     def as_dict(self) -> dict[str, Any]:
         return {"task": self.task, "optimizer": str(self.optimizer), "seed": self.seed, "iterations": self.iterations}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_result(key: RunKey, result: RunResult, out: Path) -> Path:

@@ -251,10 +251,10 @@ class LSTMController:
     needs_states = False
 
     def __init__(self, net: dict[str, Tensor]) -> None:
-        from l2o.policies import psd_lstm
+        from l2o.learned import psd
 
         self.net = {k: v.detach() for k, v in net.items()}
-        self._psd = psd_lstm
+        self._psd = psd
         self.hidden = None
 
     def reset(self, n: int) -> None:

@@ -5,7 +5,7 @@ Per iteration, M trajectories of the task run under ψ (all groups act together;
 group g follows ψ_g) and a subsample of each group's coordinates is recorded
 (:mod:`l2o.gps.conv_env`); their states (D = 77 for the paper's features), actions (size 1) and
 observations Ψ are the samples of the group's problem. π, one LSTM μ^π(Ψ) shared by all groups
-(:mod:`l2o.policies.psd_lstm`), is regressed onto every group's targets by back-propagation through
+(:mod:`l2o.learned.psd`), is regressed onto every group's targets by back-propagation through
 time. Dynamics, cost model (below), ψ-step, π-step, duals and schedules form the one GPS iteration
 of :mod:`l2o.gps.loop`; this module is its :class:`ConvSetting` and front end :class:`ConvGPSTrainer`.
 
@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint
 from l2o.features.conv2017 import STATE_DIM
 from l2o.features.sets import FeatureSet, get_feature_set
 from l2o.gps.badmm import pi_covariance
@@ -47,7 +46,7 @@ from l2o.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
 from l2o.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem
 from l2o.gps.loop import Samples, Setting, Unit, floor_noise
 from l2o.config import read_config_file
-from l2o.policies import psd_lstm
+from l2o.learned import psd
 from l2o.tasks.base import Task
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "POLICY_NAME", "ConvGPSConfig", "ConvGPSTrainer", "ConvSetting",
@@ -198,7 +197,7 @@ def pi_means(net: dict[str, Tensor], obs: Tensor, chunk: int = 2048) -> Tensor:
     out = []
     with torch.no_grad():
         for i in range(0, obs.shape[0], chunk):
-            a, _ = psd_lstm.run_sequence(net, obs[i:i + chunk].transpose(0, 1))
+            a, _ = psd.run_sequence(net, obs[i:i + chunk].transpose(0, 1))
             out.append(a.T)
     return torch.cat(out).to(DTYPE).unsqueeze(-1)
 
@@ -218,7 +217,7 @@ class ConvSetting(Setting):
         self.progress, self.command = progress, command
         self.T, self.D, self.d = config.horizon, features.state_dim, 1
         self.init_index = self._direction_index(config.init_direction)
-        self.net = psd_lstm.init_net(config.seed, input_size=features.obs_dim)
+        self.net = psd.init_net(config.seed, input_size=features.obs_dim)
         self.normalised = False
         self.best_auc = math.inf
         self.wall = 0.0
@@ -312,8 +311,8 @@ class ConvSetting(Setting):
         # ν_t G_t⁻¹ per group, normalised to mean 1 within each group so the groups weigh alike.
         W = torch.cat([(w[:, 0, 0] / w[:, 0, 0].mean()).to(torch.float32).expand(o.shape[0], -1)
                        for w, o in zip(weights, obs)])
-        params = {k: self.net[k].clone().requires_grad_(True) for k in psd_lstm.TRAINED_KEYS}
-        fixed = {k: self.net[k] for k in psd_lstm.NET_KEYS if k not in psd_lstm.TRAINED_KEYS}
+        params = {k: self.net[k].clone().requires_grad_(True) for k in psd.TRAINED_KEYS}
+        fixed = {k: self.net[k] for k in psd.NET_KEYS if k not in psd.TRAINED_KEYS}
         opt = torch.optim.Adam(params.values(), lr=c.pi_lr)
         gen = torch.Generator().manual_seed(7_000_003 + 1000 * c.seed + it)
         scale = float(Y.square().mean()) + 1e-30
@@ -324,7 +323,7 @@ class ConvSetting(Setting):
             steps = tqdm(steps, desc=f"iteration {it}: π-step", leave=False)
         for _ in steps:
             idx = torch.randperm(O.shape[0], generator=gen)[: c.pi_batch]
-            pred, _ = psd_lstm.run_sequence({**params, **fixed}, O[idx].transpose(0, 1))
+            pred, _ = psd.run_sequence({**params, **fixed}, O[idx].transpose(0, 1))
             loss = (W[idx] * (pred.T - Y[idx]).square()).mean() / scale
             opt.zero_grad()
             loss.backward()
@@ -370,7 +369,7 @@ class ConvSetting(Setting):
         auc = record["pi_auc"]
         if auc is not None and auc < self.best_auc:
             self.best_auc = auc
-            psd_lstm.save_policy(self.out / POLICY_NAME, self.net, self.policy_meta(record["iteration"] + 1))
+            psd.save_policy(self.out / POLICY_NAME, self.net, self.policy_meta(record["iteration"] + 1))
         record["best_pi_auc"] = self.best_auc if math.isfinite(self.best_auc) else None
 
     def policy_meta(self, iteration: int) -> dict[str, Any]:
@@ -385,8 +384,8 @@ class ConvSetting(Setting):
                  "wall_s": self.wall, "command": self.command})
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.net = {k: tensors[f"net.{k}"] for k in psd_lstm.NET_KEYS}
-        psd_lstm.check_net(self.net)
+        self.net = {k: tensors[f"net.{k}"] for k in psd.NET_KEYS}
+        psd.check_net(self.net)
         self.normalised = bool(meta["normalised"])
         self.best_auc = math.inf if meta["best_auc"] is None else float(meta["best_auc"])
         self.wall = float(meta["wall_s"])

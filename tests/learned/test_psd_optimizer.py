@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import l2o
-import l2o.optim.psd as psd_mod
+import l2o.learned.psd as psd_mod
 from l2o.baselines.registry import (
     OptimizerSpec,
     get_optimizer,
@@ -20,8 +20,8 @@ from l2o.baselines.registry import (
 from l2o.checkpoint import CheckpointError
 from l2o.experiments.runner import run_optimizer
 from l2o.features.conv2017 import observation_features
-from l2o.optim import PredictedStepDescent
-from l2o.policies.psd_lstm import init_net, load_policy, run_sequence, save_policy
+from l2o.learned import PredictedStepDescent
+from l2o.learned.psd import init_net, load_policy, run_sequence, save_policy
 from tests.conftest import tiny_mlp_task
 
 
@@ -245,8 +245,8 @@ def test_missing_tampered_and_wrong_kind_checkpoints(policy_path, tmp_path, monk
     with pytest.raises(CheckpointError, match="integrity"):
         PredictedStepDescent([x], checkpoint=bad)
 
-    from l2o.experiments.meta_l2l import save_policy as save_l2l_policy
-    from l2o.policies.l2l_lstm import init_net as init_l2l_net
+    from l2o.learned.l2l import save_policy as save_l2l_policy
+    from l2o.learned.l2l import init_net as init_l2l_net
 
     other = save_l2l_policy(tmp_path / "l2l.safetensors", init_l2l_net(0),
                             {"hidden_size": 20, "preprocess_p": 10.0, "output_scale": 0.1})

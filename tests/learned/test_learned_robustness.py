@@ -14,12 +14,12 @@ import torch
 from l2o.checkpoint import CheckpointError, _digest, load_checkpoint
 from l2o.features.conv2017 import LOSS_FLOOR, observation_step
 from l2o.features.history2016 import feature_dim
-from l2o.optim import psd as psd_mod
-from l2o.optim.l2l import DEFAULT_CHECKPOINT as L2L_CHECKPOINT
-from l2o.optim.l2l import L2LBGDBGD
-from l2o.optim.lto2016 import LearnedOptimizer2016, save_policy
-from l2o.optim.psd import PredictedStepDescent
-from l2o.policies.mlp2016 import MLPPolicy2016
+from l2o.learned import psd as psd_mod
+from l2o.learned.l2l import DEFAULT_CHECKPOINT as L2L_CHECKPOINT
+from l2o.learned.l2l import L2LBGDBGD
+from l2o.learned.lto2016 import LearnedOptimizer2016, save_policy
+from l2o.learned.psd import PredictedStepDescent
+from l2o.learned.lto2016 import MLPPolicy2016
 
 N = 6  # coordinates of the test problem
 
@@ -245,7 +245,7 @@ def test_lto2016_checkpoint_metadata_is_validated(edit, message, tmp_path, lto_p
 
 def test_l2l_training_checkpoint_without_config_is_a_checkpoint_error(tmp_path):
     from l2o.checkpoint import save_checkpoint
-    from l2o.experiments.meta_l2l import TRAIN_KIND
+    from l2o.learned.l2l import TRAIN_KIND
 
     tensors, _ = load_checkpoint(L2L_CHECKPOINT)
     path = save_checkpoint(tmp_path / "t.safetensors", {f"net.{k}": v for k, v in tensors.items()}, {}, TRAIN_KIND)

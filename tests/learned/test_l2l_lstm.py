@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from l2o.policies.l2l_lstm import (
+from l2o.learned.l2l import (
     Hidden,
     check_net,
     init_hidden,

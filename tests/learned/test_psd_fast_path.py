@@ -1,4 +1,4 @@
-"""PSD's batched, fused step (l2o.policies.psd_lstm.FusedPolicy over all parameters at once) gives
+"""PSD's batched, fused step (l2o.learned.psd.FusedPolicy over all parameters at once) gives
 the eager reference's steps: psd_lstm.step per parameter on Ψ from conv2017.observation_step."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import io
 import pytest
 import torch
 
-import l2o.optim.psd as psd_mod
+import l2o.learned.psd as psd_mod
 from l2o.features.conv2017 import observation_step
-from l2o.optim import PredictedStepDescent
-from l2o.policies.psd_lstm import FusedPolicy, Hidden, init_hidden, init_net, load_policy, save_policy, step
+from l2o.learned import PredictedStepDescent
+from l2o.learned.psd import FusedPolicy, Hidden, init_hidden, init_net, load_policy, save_policy, step
 
 
 def _net(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,10 +9,10 @@ import torch
 
 from l2o.baselines.registry import OptimizerSpec, get_optimizer, optimizer_names
 from l2o.checkpoint import CheckpointError, load_checkpoint
-from l2o.experiments.meta_l2l import POLICY_KIND, save_policy
+from l2o.learned.l2l import POLICY_KIND, save_policy
 from l2o.experiments.runner import run_optimizer
-from l2o.optim import DEFAULT_CHECKPOINT, L2LBGDBGD
-from l2o.policies.l2l_lstm import init_hidden, init_net, step
+from l2o.learned import DEFAULT_CHECKPOINT, L2LBGDBGD
+from l2o.learned.l2l import init_hidden, init_net, step
 
 
 def _f(ps):  # a smooth non-quadratic objective of several parameters of different shapes

@@ -1,4 +1,4 @@
-"""L2LBGDBGD's batched, fused step (l2o.policies.l2l_lstm.FusedL2L over all parameters at once)
+"""L2LBGDBGD's batched, fused step (l2o.learned.l2l.FusedL2L over all parameters at once)
 gives the eager reference's steps (l2l_lstm.step per parameter), and its state round-trips."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import io
 import pytest
 import torch
 
-import l2o.optim.l2l as l2l_mod
-from l2o.experiments.meta_l2l import load_policy
-from l2o.optim.l2l import L2LBGDBGD
-from l2o.policies.l2l_lstm import Hidden, init_hidden, step
+import l2o.learned.l2l as l2l_mod
+from l2o.learned.l2l import load_policy
+from l2o.learned.l2l import L2LBGDBGD
+from l2o.learned.l2l import Hidden, init_hidden, step
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:

@@ -8,8 +8,11 @@ coordinates in total.
 
 Registered with the benchmark harness as ``lto2016:checkpoint=PATH`` (a ``policy.safetensors``
 written by ``l2o meta-train gps2016``) or ``lto2016:family=NAME`` for the policy meta-trained here
-on that 2016 family and shipped in the package (``l2o/optim/weights/lto2016-NAME.safetensors``,
+on that 2016 family and shipped in the package (``l2o/learned/weights/lto2016-NAME.safetensors``,
 written by ``scripts/lto2016.sh NAME``). There is no default: a policy fits one family's dimension.
+
+π of Learning to Optimize (Li & Malik 2016): an MLP with one hidden layer of 50 softplus units
+mapping the history features o_t to the mean step μ^π(o_t) = Δx.
 """
 
 from __future__ import annotations
@@ -21,12 +24,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from l2o.baselines.registry import OptimizerEntry, register_optimizer
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2o.features.history2016 import HistoryTracker, feature_dim
-from l2o.policies.mlp2016 import MLPPolicy2016
+
+class MLPPolicy2016(nn.Module):
+    """μ^π(o) = W₂ softplus(W₁ o + b₁) + b₂ (float64, like the GPS core)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 50, seed: int = 0) -> None:
+        super().__init__()
+        if obs_dim < 1 or action_dim < 1 or hidden < 1:
+            raise ValueError("obs_dim, action_dim and hidden must be positive")
+        g = torch.Generator().manual_seed(seed)
+        self.obs_dim, self.action_dim, self.hidden = obs_dim, action_dim, hidden
+        self.fc1 = nn.Linear(obs_dim, hidden, dtype=torch.float64)
+        self.fc2 = nn.Linear(hidden, action_dim, dtype=torch.float64)
+        with torch.no_grad():
+            for layer in (self.fc1, self.fc2):
+                bound = layer.in_features ** -0.5
+                layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=g))
+                layer.bias.zero_()
+            self.fc2.weight.mul_(0.01)  # start near the zero step; GPS supervision sets the scale
+
+    def forward(self, obs: Tensor) -> Tensor:
+        if obs.shape[-1] != self.obs_dim:
+            raise ValueError(f"observation must have {self.obs_dim} features, got {obs.shape[-1]}")
+        return self.fc2(nn.functional.softplus(self.fc1(obs.to(torch.float64))))
+
 
 CHECKPOINT_KIND = "lto2016-policy"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

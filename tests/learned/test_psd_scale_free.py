@@ -8,15 +8,15 @@ import torch
 
 from l2o.checkpoint import CheckpointError
 from l2o.features.scale_free import ScaleFreeFeatures
-from l2o.optim.psd import PredictedStepDescent
-from l2o.policies import psd_lstm
+from l2o.learned.psd import PredictedStepDescent
+from l2o.learned import psd
 
 
 def _policy(tmp_path, features: str = "scale-free", inputs: int = ScaleFreeFeatures.obs_dim):
-    net = psd_lstm.init_net(3, hidden_size=16, dtype=torch.float64, input_size=inputs)
+    net = psd.init_net(3, hidden_size=16, dtype=torch.float64, input_size=inputs)
     net["W_out"] = torch.randn(1, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     net["out_scale"] = torch.tensor([1e-2], dtype=torch.float64)
-    return psd_lstm.save_policy(tmp_path / "p.safetensors", net, {"features": features}), net
+    return psd.save_policy(tmp_path / "p.safetensors", net, {"features": features}), net
 
 
 def test_steps_equal_the_policy_on_offline_scale_free_features(tmp_path):
@@ -25,7 +25,7 @@ def test_steps_equal_the_policy_on_offline_scale_free_features(tmp_path):
     w = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
     opt = PredictedStepDescent([w], checkpoint=path)
     feats, mem = ScaleFreeFeatures(), None
-    hidden = psd_lstm.init_hidden(12, 16)
+    hidden = psd.init_hidden(12, 16)
     for t in range(6):
         x = w.detach().reshape(-1).clone()
         loss = (w.square().sum() - 2.0 * t) if t != 3 else (w.sum() * 0.0)  # negative, then exactly 0
@@ -34,7 +34,7 @@ def test_steps_equal_the_policy_on_offline_scale_free_features(tmp_path):
         g = w.grad.reshape(-1).clone()
         mem = feats.init(12, 0) if mem is None else mem
         _, obs, mem = feats.step(mem, t, x, g, loss.detach())
-        expected, hidden = psd_lstm.step(net, hidden, obs)
+        expected, hidden = psd.step(net, hidden, obs)
         opt.step(loss=loss)
         torch.testing.assert_close(w.detach().reshape(-1) - x, expected, rtol=1e-5, atol=1e-7)
     # state_dict round trip gives the same next step
