@@ -1,10 +1,10 @@
 """The ψ-step's dual search on η: cached η-independent cost terms vs rebuilding them per η.
 
-Times :func:`l2o.gps.lqg.solve_trust_region` (which builds c̃ − λᵀa, −log ψ_old and ν·(−log π̂)
+Times :func:`l2o.outer.gps.lqg.solve_trust_region` (which builds c̃ − λᵀa, −log ψ_old and ν·(−log π̂)
 once per ψ-step, and does not re-validate sums of validated costs) against the same bisection
-with :func:`l2o.gps.lqg.solve_fixed_eta` per η and every cost validated (the reference: the code
+with :func:`l2o.outer.gps.lqg.solve_fixed_eta` per η and every cost validated (the reference: the code
 before the cache), on random problems of a 2016-smallnet-like size, in
-one process, one thread. Both give bitwise the same ψ (tests/gps/test_gps_lqg.py).
+one process, one thread. Both give bitwise the same ψ (tests/outer/gps/test_gps_lqg.py).
 
     python benchmarks/bench_lqg_dual.py [--T 40] [--D 300] [--d 8] [--repeats 3]
 """
@@ -19,11 +19,11 @@ from unittest import mock
 
 import torch
 
-from l2o.gps import lqg
-from l2o.gps.cost import QuadraticCost
+from l2o.outer.gps import lqg
+from l2o.outer.gps.cost import QuadraticCost
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the random problems of the tests
-from tests.gps.conftest import random_cost, random_dynamics, random_policy, spd
+from tests.outer.gps.conftest import random_cost, random_dynamics, random_policy, spd
 
 
 def _validated(cls, C, d, h, dim_s):

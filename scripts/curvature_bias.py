@@ -5,7 +5,7 @@ steps, the measured change of the true objective f, the first-order term ∇f·a
 second-order term ½ aᵀHa with H the Hessian of (i) the step's own mini-batch, (ii) the full
 training set, (iii) an independent mini-batch. Case (i) is biased upwards: the step comes from that
 batch's gradient, so it points where that batch curves most (see ``curvature_batch`` in
-:class:`l2o.gps.conv_trainer.ConvGPSConfig`).
+:class:`l2o.outer.gps.conv_trainer.ConvGPSConfig`).
 
     python scripts/curvature_bias.py --data-dir ../shared/data
 """

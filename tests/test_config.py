@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from l2o.config import check_field_types, check_keys, read_config_file
-from l2o.experiments.meta_l2l import MetaL2LConfig
-from l2o.gps.conv_trainer import ConvGPSConfig
+from l2o.outer.meta_l2l import MetaL2LConfig
+from l2o.outer.gps.conv_trainer import ConvGPSConfig
 
 
 @dataclass

@@ -196,7 +196,7 @@ def _meta_train_l2l(args: argparse.Namespace) -> int:
     """Meta-train the L2LBGDBGD LSTM optimizer (Andrychowicz et al. 2016)."""
     import shlex
 
-    from l2o.experiments.meta_l2l import MetaL2LConfig, meta_train
+    from l2o.outer.meta_l2l import MetaL2LConfig, meta_train
 
     overrides = {"data_dir": args.data_dir, "episodes": args.episodes}
     if args.config:
@@ -222,8 +222,8 @@ def _meta_train_psd(args: argparse.Namespace) -> int:
     """Meta-train Predicted Step Descent with Convolutional GPS (Li & Malik 2017)."""
     import shlex
 
-    from l2o.gps.conv_trainer import ConvGPSConfig
-    from l2o.experiments.meta_psd import meta_train
+    from l2o.outer.gps.conv_trainer import ConvGPSConfig
+    from l2o.outer.meta_psd import meta_train
 
     overrides = {"data_dir": args.data_dir, "iterations": args.iterations}
     if args.config:
@@ -251,7 +251,7 @@ def _meta_train_gps2016(args: argparse.Namespace) -> int:
     import time
 
     from l2o.experiments.benchmark import load_config_file
-    from l2o.experiments.meta_gps2016 import LTO2016Config, meta_train
+    from l2o.outer.meta_gps2016 import LTO2016Config, meta_train
 
     config = LTO2016Config.from_dict(load_config_file(Path(args.config)) if args.config else {})
     out = Path(args.out or "runs/meta-train-gps2016")

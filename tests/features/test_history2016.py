@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from l2o.features.history2016 import HistoryTracker, feature_dim, history_features
-from l2o.experiments.meta_gps2016 import gradient_descent_psi
-from l2o.gps.env import LinearGaussianController
-from l2o.gps.linear_gaussian import LinearGaussianPolicy
-from l2o.gps.optimizer_env import OptimizerEnv2016
+from l2o.outer.meta_gps2016 import gradient_descent_psi
+from l2o.outer.gps.env import LinearGaussianController
+from l2o.outer.gps.linear_gaussian import LinearGaussianPolicy
+from l2o.outer.gps.optimizer_env import OptimizerEnv2016
 from l2o.learned.lto2016 import MLPPolicy2016
 from l2o.tasks import FAMILIES, Group, Task, flatten, unflatten
 

@@ -8,8 +8,8 @@ import torch
 
 from l2o.features.scale_free import OBS_NAMES, STATE_INDEX, STATE_NAMES, ScaleFreeFeatures, loss_change
 from l2o.features.sets import get_feature_set
-from l2o.gps.conv_env import GroupLinearGaussianController, rollout
-from l2o.gps.conv_trainer import initial_psi
+from l2o.outer.gps.conv_env import GroupLinearGaussianController, rollout
+from l2o.outer.gps.conv_trainer import initial_psi
 from l2o.tasks.base import flatten, unflatten
 from tests.conftest import tiny_mlp_task
 

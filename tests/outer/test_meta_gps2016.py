@@ -11,7 +11,7 @@ import torch
 
 from l2o.baselines.registry import get_optimizer, parse_optimizer
 from l2o.cli import main
-from l2o.experiments.meta_gps2016 import LTO2016Config, build_conditions
+from l2o.outer.meta_gps2016 import LTO2016Config, build_conditions
 from l2o.experiments.runner import run_optimizer
 from l2o.learned.lto2016 import WEIGHTS_DIR, load_policy, packaged_policy
 from l2o.tasks.registry import make_task

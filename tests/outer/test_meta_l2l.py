@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from l2o.checkpoint import CheckpointError, load_checkpoint
-from l2o.experiments.meta_l2l import (
+from l2o.outer.meta_l2l import (
     CHECKPOINT_NAME,
     LOG_NAME,
     POLICY_NAME,

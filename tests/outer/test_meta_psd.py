@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from l2o.experiments.meta_psd import meta_train
-from l2o.gps.conv_trainer import ConvGPSConfig
+from l2o.outer.meta_psd import meta_train
+from l2o.outer.gps.conv_trainer import ConvGPSConfig
 from l2o.learned.psd import PredictedStepDescent
 from l2o.tasks.registry import make_task
 
@@ -50,7 +50,7 @@ def test_meta_train_writes_a_policy_the_optimizer_runs_and_resumes_only_when_ask
 
 
 def test_log_table_and_plot(tmp_path):
-    from l2o.experiments.meta_psd import log_table, main
+    from l2o.outer.meta_psd import log_table, main
 
     log = [{"iteration": i, "psi_auc": 0.6 - 0.01 * i, "psi_final": 0.5, "pi_auc": None if i == 0 else 0.55,
             "pi_final": None if i == 0 else 0.45, "pi_regression_rel_rmse": 0.2, "epsilon": 0.1,

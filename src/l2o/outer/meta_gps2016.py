@@ -1,16 +1,16 @@
 """Meta-training the 2016 learned optimizer with Guided Policy Search (Li & Malik 2016).
 
 ``l2o meta-train gps2016 --config configs/lto2016-logreg.toml`` builds the optimizer MDP over the
-training objectives of one family (:class:`~l2o.gps.optimizer_env.OptimizerEnv2016`), π = the MLP
+training objectives of one family (:class:`~l2o.outer.gps.optimizer_env.OptimizerEnv2016`), π = the MLP
 of :class:`~l2o.learned.lto2016.MLPPolicy2016`, and runs GPS in one of two modes:
 
-* ``conditions = C > 0`` (multi-condition GPS, :class:`~l2o.gps.trainer.MultiConditionGPSTrainer`):
+* ``conditions = C > 0`` (multi-condition GPS, :class:`~l2o.outer.gps.trainer.MultiConditionGPSTrainer`):
   the first C training objectives are the conditions, each with its own ψ_c, dynamics and cost
   models, λ_c, ν_c and trust region ε_c; one π is regressed on all conditions' samples. A *fixed*
   set, not a rotating one: ψ_c's trust-region ratio test and the λ_c/ν_c schedules compare
   consecutive iterations on the same condition. The training objectives are i.i.d. draws, so
   the first C are as good a sample as any C.
-* ``conditions = 0`` (the earlier pooled mode, :class:`~l2o.gps.trainer.GPSTrainer`): one ψ over
+* ``conditions = 0`` (the earlier pooled mode, :class:`~l2o.outer.gps.trainer.GPSTrainer`): one ψ over
   trajectories whose objective is drawn from all ``train_objectives``. Not used for the shipped
   policies: gradient size and curvature are correlated across objectives, so one pooled
   linear-Gaussian model over-predicts the improvement (seen in an early logistic-regression trial).
@@ -33,10 +33,10 @@ import torch
 
 from l2o.config import check_keys
 from l2o.features.history2016 import feature_dim
-from l2o.gps.linear_gaussian import LinearGaussianPolicy
+from l2o.outer.gps.linear_gaussian import LinearGaussianPolicy
 
-from l2o.gps.optimizer_env import OptimizerEnv2016
-from l2o.gps.trainer import CHECKPOINT_NAME, GPSConfig, GPSTrainer, MultiConditionGPSTrainer
+from l2o.outer.gps.optimizer_env import OptimizerEnv2016
+from l2o.outer.gps.trainer import CHECKPOINT_NAME, GPSConfig, GPSTrainer, MultiConditionGPSTrainer
 from l2o.learned.lto2016 import save_policy
 from l2o.learned.lto2016 import MLPPolicy2016
 from l2o.tasks.synthetic import FAMILIES

@@ -1,6 +1,6 @@
 """Meta-training Predicted Step Descent (Li & Malik 2017, §4) with Convolutional GPS.
 
-A thin driver over :class:`l2o.gps.conv_trainer.ConvGPSTrainer`: it reads the config file, runs
+A thin driver over :class:`l2o.outer.gps.conv_trainer.ConvGPSTrainer`: it reads the config file, runs
 (or resumes) the GPS iterations with a progress bar, and leaves in the output folder the training
 checkpoint, the per-iteration log and ``psd.safetensors`` — the π with the lowest true-objective
 AUC on held-out seeds of the training objective, with the command and config that produced it.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l2o.gps.conv_trainer import (
+from l2o.outer.gps.conv_trainer import (
     CHECKPOINT_NAME,
     LOG_NAME,
     POLICY_NAME,
@@ -88,7 +88,7 @@ def plot_log(log: list[dict[str, Any]], path: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m l2o.experiments.meta_psd LOG [--iterations N] [--plot PNG]``: print the log's table."""
+    """``python -m l2o.outer.meta_psd LOG [--iterations N] [--plot PNG]``: print the log's table."""
     import argparse
     import json
 

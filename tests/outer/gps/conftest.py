@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from l2o.gps import LinearGaussianDynamics, LinearGaussianPolicy, QuadraticCost
+from l2o.outer.gps import LinearGaussianDynamics, LinearGaussianPolicy, QuadraticCost
 
 DT = torch.float64
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from l2o.gps import (
+from l2o.outer.gps import (
     LinearGaussianPolicy,
     dual_step,
     kl_divergence,

@@ -13,13 +13,13 @@ from torch import Tensor
 
 from l2o.checkpoint import CheckpointError
 from l2o.features.conv2017 import observation_features, states
-from l2o.gps.conv_env import (
+from l2o.outer.gps.conv_env import (
     GRAD_FEATURE,
     GroupLinearGaussianController,
     LSTMController,
     rollout,
 )
-from l2o.gps.conv_trainer import (
+from l2o.outer.gps.conv_trainer import (
     CHECKPOINT_NAME,
     LOG_NAME,
     POLICY_NAME,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from l2o.features.sets import FeatureSet, Memory
-from l2o.gps.conv_trainer import ConvGPSConfig, ConvGPSTrainer
+from l2o.outer.gps.conv_trainer import ConvGPSConfig, ConvGPSTrainer
 from l2o.tasks.quadratic import SeparableQuadratic, best_schedule, expected_mean_loss
 
 T = 20

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from l2o.gps import (
+from l2o.outer.gps import (
     QuadraticCost,
     cost_from_derivatives,
     fit_quadratic_cost,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from l2o.gps import GaussianPrior, GMMPrior, LinearGaussianDynamics, fit_dynamics, pooled_transitions
+from l2o.outer.gps import GaussianPrior, GMMPrior, LinearGaussianDynamics, fit_dynamics, pooled_transitions
 
 DT = torch.float64
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from l2o.gps import (
+from l2o.outer.gps import (
     LinearGaussianDynamics,
     LinearGaussianPolicy,
     fit_linear_gaussian_policy,

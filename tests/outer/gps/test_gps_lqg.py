@@ -10,7 +10,7 @@ import scipy.linalg
 import scipy.optimize
 import torch
 
-from l2o.gps import (
+from l2o.outer.gps import (
     LinearGaussianDynamics,
     LinearGaussianPolicy,
     NotPositiveDefiniteError,
@@ -268,7 +268,7 @@ def test_shape_errors(rp) -> None:
 def test_the_dual_search_solver_equals_solve_fixed_eta_bitwise(rp, nu_kind: str) -> None:
     """The trust-region search builds the η-independent cost terms once; for every η its ψ must be
     bitwise the ψ of :func:`solve_fixed_eta` (which rebuilds everything), so results are unchanged."""
-    from l2o.gps.lqg import _FixedEtaSolver
+    from l2o.outer.gps.lqg import _FixedEtaSolver
 
     dyn, cost, old, _, _ = _tr_problem(rp, 38)
     g = torch.Generator().manual_seed(1)

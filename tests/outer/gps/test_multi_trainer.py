@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from l2o.checkpoint import CheckpointError
-from l2o.gps import GPSConfig, LinearQuadraticEnv
-from l2o.gps.trainer import CHECKPOINT_NAME, LOG_NAME, ConditionSetting, MultiConditionGPSTrainer
+from l2o.outer.gps import GPSConfig, LinearQuadraticEnv
+from l2o.outer.gps.trainer import CHECKPOINT_NAME, LOG_NAME, ConditionSetting, MultiConditionGPSTrainer
 
 DT = torch.float64
 TIMING = ("wall_s", "lqg_s")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2o.checkpoint import CheckpointError
-from l2o.gps import (
+from l2o.outer.gps import (
     GPSConfig,
     GPSIterationError,
     GPSTrainer,
@@ -20,7 +20,7 @@ from l2o.gps import (
     QuadraticCost,
     Trajectories,
 )
-from l2o.gps.trainer import CHECKPOINT_NAME, LOG_NAME, ConditionSetting
+from l2o.outer.gps.trainer import CHECKPOINT_NAME, LOG_NAME, ConditionSetting
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""l2o.gps: the numerical core of Guided Policy Search (Li & Malik 2017, §3.4; design note gps.md).
+"""l2o.outer.gps: the numerical core of Guided Policy Search (Li & Malik 2017, §3.4; design note gps.md).
 
 Time-varying linear-Gaussian policies ψ and dynamics p̃ (:mod:`.linear_gaussian`), dynamics
 fitting with a NIW prior (:mod:`.dynamics`), quadratic cost models (:mod:`.cost`) and LQG with a

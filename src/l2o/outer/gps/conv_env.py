@@ -8,7 +8,7 @@ fitting, every trajectory records a fixed random subsample of ``coords_per_group
 each group (the coordinates of a group are exchangeable samples of one per-group problem, so a
 subsample estimates the same per-group statistics at a fraction of the memory).
 
-Each rollout also records, for the telescoped cost model of :mod:`l2o.gps.conv_trainer`:
+Each rollout also records, for the telescoped cost model of :mod:`l2o.outer.gps.conv_trainer`:
 * the true objective f(x_t) every ``eval_every`` steps (and at t = T), for the costs ψ and π
   actually incur;
 * per group g, the effective curvature along the step taken, h_{g,t} = a_gᵀ(∇²f̂ a)_g / a_gᵀa_g,

@@ -3,11 +3,11 @@ and shared within a coordinate group, so each coordinate is one sample of a smal
 
 Per iteration, M trajectories of the task run under ψ (all groups act together; every coordinate of
 group g follows ψ_g) and a subsample of each group's coordinates is recorded
-(:mod:`l2o.gps.conv_env`); their states (D = 77 for the paper's features), actions (size 1) and
+(:mod:`l2o.outer.gps.conv_env`); their states (D = 77 for the paper's features), actions (size 1) and
 observations Ψ are the samples of the group's problem. π, one LSTM μ^π(Ψ) shared by all groups
 (:mod:`l2o.learned.psd`), is regressed onto every group's targets by back-propagation through
 time. Dynamics, cost model (below), ψ-step, π-step, duals and schedules form the one GPS iteration
-of :mod:`l2o.gps.loop`; this module is its :class:`ConvSetting` and front end :class:`ConvGPSTrainer`.
+of :mod:`l2o.outer.gps.loop`; this module is its :class:`ConvSetting` and front end :class:`ConvGPSTrainer`.
 
 The cost model (gps.md §5, option (a), our CHOICE). The cost of a trajectory is Σ_t f(x_t), which
 telescopes into T f(x_0) + Σ_t w_t [f(x_{t+1}) − f(x_t)] with w_t = T − 1 − t. To second order
@@ -37,14 +37,14 @@ from torch import Tensor
 
 from l2o.features.conv2017 import STATE_DIM
 from l2o.features.sets import FeatureSet, get_feature_set
-from l2o.gps.badmm import pi_covariance
-from l2o.gps.conv_env import GRAD_FEATURE, GroupLinearGaussianController, LSTMController, Rollout, rollout
-from l2o.gps.cost import QuadraticCost
-from l2o.gps.dynamics import fit_dynamics
-from l2o.gps.errors import GPSError
-from l2o.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
-from l2o.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem
-from l2o.gps.loop import Samples, Setting, Unit, floor_noise
+from l2o.outer.gps.badmm import pi_covariance
+from l2o.outer.gps.conv_env import GRAD_FEATURE, GroupLinearGaussianController, LSTMController, Rollout, rollout
+from l2o.outer.gps.cost import QuadraticCost
+from l2o.outer.gps.dynamics import fit_dynamics
+from l2o.outer.gps.errors import GPSError
+from l2o.outer.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
+from l2o.outer.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem
+from l2o.outer.gps.loop import Samples, Setting, Unit, floor_noise
 from l2o.config import read_config_file
 from l2o.learned import psd
 from l2o.tasks.base import Task
@@ -62,7 +62,7 @@ EVAL_SEED_BASE = 200_000
 
 @dataclass(frozen=True)
 class ConvGPSConfig(BADMMConfig):
-    """:class:`~l2o.gps.loop.BADMMConfig` plus what Convolutional GPS adds (validated; unknown keys
+    """:class:`~l2o.outer.gps.loop.BADMMConfig` plus what Convolutional GPS adds (validated; unknown keys
     are rejected).
 
     ``task`` is the meta-training objective and ``horizon`` its T; ``features`` names the feature
@@ -74,7 +74,7 @@ class ConvGPSConfig(BADMMConfig):
     ``curvature_every`` steps, floored at ``curvature_floor`` × its mean, along the noisy step
     taken (``curvature_along = "step"``) or ψ's mean action (``"mean"``), on the step's own
     mini-batch (``curvature_batch = "same"``, biased upwards) or an independent one
-    (``"independent"``; see :func:`l2o.gps.conv_env.rollout`). The π-step is ``pi_steps`` Adam
+    (``"independent"``; see :func:`l2o.outer.gps.conv_env.rollout`). The π-step is ``pi_steps`` Adam
     steps of BPTT on ``pi_batch`` sequences (``pi_first_steps`` the first time); π is evaluated
     on ``eval_seeds`` held-out seeds, its true loss every ``eval_every`` steps.
     """
@@ -204,7 +204,7 @@ def pi_means(net: dict[str, Tensor], obs: Tensor, chunk: int = 2048) -> Tensor:
 
 # --------------------------------------------------------------------------- the setting
 class ConvSetting(Setting):
-    """Convolutional GPS as a :class:`~l2o.gps.loop.Setting`: one condition (the task), one unit
+    """Convolutional GPS as a :class:`~l2o.outer.gps.loop.Setting`: one condition (the task), one unit
     per coordinate group (weight = its number of coordinates), π = the PSD LSTM (one net shared by
     all groups), Σ^π per group (the groups' step scales differ by orders of magnitude)."""
 

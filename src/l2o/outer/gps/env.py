@@ -212,7 +212,7 @@ class LinearQuadraticEnv:
     """s_{t+1} = A s_t + B a_t + c + w_t, w_t ~ N(0, F); s_0 ~ N(μ₀, Σ₀); o_t = s_t.
 
     The step cost depends on the state *and* the action: c_t(s, a) = ½ sᵀQs + ½ aᵀRa for every
-    t = 0..T−1 (the cost model of :mod:`l2o.gps` is a quadratic in [s; a], so no state
+    t = 0..T−1 (the cost model of :mod:`l2o.outer.gps` is a quadratic in [s; a], so no state
     augmentation is needed). ``costs[:, t]`` of a rollout is c_t(s_t, a_t).
     :meth:`local_cost` gives the exact quadratic; :meth:`lqr_policy` the finite-horizon optimum
     (time-varying K_t, k_t from the Riccati recursion on the true model), and

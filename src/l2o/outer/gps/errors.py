@@ -6,14 +6,14 @@ from typing import Any
 
 
 class GPSError(RuntimeError):
-    """Base class of the errors of :mod:`l2o.gps`."""
+    """Base class of the errors of :mod:`l2o.outer.gps`."""
 
 
 class NotPositiveDefiniteError(GPSError):
     """Q_uu (the action block of the Q-function) is not positive definite at time step ``t``.
 
-    Raised by :func:`l2o.gps.lqg.backward` instead of returning NaNs; the trust-region dual
-    (:func:`l2o.gps.lqg.solve_trust_region`) catches it and increases η.
+    Raised by :func:`l2o.outer.gps.lqg.backward` instead of returning NaNs; the trust-region dual
+    (:func:`l2o.outer.gps.lqg.solve_trust_region`) catches it and increases η.
     """
 
     def __init__(self, t: int, group: Any = None, detail: str = "") -> None:

@@ -1,6 +1,6 @@
 """Time-varying linear-Gaussian policies ψ and dynamics p̃, and Gaussian state propagation.
 
-Conventions (shared by all of :mod:`l2o.gps`):
+Conventions (shared by all of :mod:`l2o.outer.gps`):
 
 * Everything is float64; inputs are converted.
 * Time is the leading dimension of stacked tensors; time steps are t = 0, …, T−1.

@@ -10,7 +10,7 @@ cost model), π's form and regression, and π's evaluation. One iteration (:meth
 1. the setting samples the current ψ's and builds one :class:`LocalProblem` per unit;
 2. per condition, the ε ratio test on its previous ψ-step (true vs predicted cost change);
 3. per unit: π̂ (the linear-Gaussian fit of π on ψ's states, covariance Σ^π), the ψ-step by
-   :func:`~l2o.gps.lqg.solve_trust_region` (λ_t, ν_t, π̂, Σ_t KL ≤ T·ε), :func:`floor_noise`. A failed
+   :func:`~l2o.outer.gps.lqg.solve_trust_region` (λ_t, ν_t, π̂, Σ_t KL ≤ T·ε), :func:`floor_noise`. A failed
    ψ-step is an error, or with ``psi_step_failure = "keep"`` a warned, counted fallback keeping ψ
    that adds nothing to the predicted improvement (so the ε test compares like with like);
 4. π-step: the setting regresses π onto y_t = μ^ψ_t − G_t λ_t/ν_t with weights ν_t G_t⁻¹; Σ^π in

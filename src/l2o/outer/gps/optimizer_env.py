@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from l2o.features.history2016 import HistoryTracker, feature_dim
-from l2o.gps.cost import QuadraticCost
-from l2o.gps.env import Controller, Trajectories, as_controller
-from l2o.gps.linear_gaussian import LinearGaussianDynamics, LinearGaussianPolicy
+from l2o.outer.gps.cost import QuadraticCost
+from l2o.outer.gps.env import Controller, Trajectories, as_controller
+from l2o.outer.gps.linear_gaussian import LinearGaussianDynamics, LinearGaussianPolicy
 from l2o.tasks.base import Task, flatten, unflatten
 
 DTYPE = torch.float64

@@ -1,5 +1,5 @@
-"""GPS over conditions (Li & Malik 2016; gps.md §3–7): the :class:`~l2o.gps.loop.Setting` in which each
-*condition* is one :class:`~l2o.gps.env.Environment` (for learning optimizers, one training
+"""GPS over conditions (Li & Malik 2016; gps.md §3–7): the :class:`~l2o.outer.gps.loop.Setting` in which each
+*condition* is one :class:`~l2o.outer.gps.env.Environment` (for learning optimizers, one training
 objective) with one guiding ψ_c, and π is a torch module shared by all conditions.
 
 Per condition: M trajectories from ψ_c (diverged ones dropped and counted); dynamics p̃_c by
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, generator_state, load_checkpoint, restore_generator
+from l2o.checkpoint import CheckpointError, generator_state, load_checkpoint, restore_generator
 from .cost import QuadraticCost, fit_quadratic_cost
 from .dynamics import GaussianPrior, GMMPrior, fit_dynamics, pooled_transitions
 from .env import Environment, LinearGaussianController, ModuleController, Trajectories
@@ -36,7 +36,7 @@ __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "ConditionSetting", "GPSConfig", "GPSI
 
 @dataclass(frozen=True)
 class GPSConfig(BADMMConfig):
-    """:class:`~l2o.gps.loop.BADMMConfig` plus what the condition setting adds: π's evaluation
+    """:class:`~l2o.outer.gps.loop.BADMMConfig` plus what the condition setting adds: π's evaluation
     rollouts, ψ₀'s covariance G_t = ``init_noise``·I (also Σ^π₀), the π-step's epochs and batch,
     the dynamics prior and model, the cost model, and the progress bar. ``samples`` and
     ``eval_samples`` are per condition."""
@@ -263,7 +263,7 @@ def _finite_or_none(x: float | Tensor) -> float | None:
 
 
 class MultiConditionGPSTrainer(GPSLoop):
-    """GPS/BADMM over conditions: ``envs`` (one :class:`~l2o.gps.env.Environment` per condition,
+    """GPS/BADMM over conditions: ``envs`` (one :class:`~l2o.outer.gps.env.Environment` per condition,
     all of the same (T, D, d)), μ^π ``policy_module`` on observations [N, T, O] → [N, T, d] (trained
     in place), ``config`` (``samples``/``eval_samples`` per condition), ``out_dir`` for the log and
     checkpoint, and ψ₀ (one for all or one per condition; default K = 0, k = 0, G = ``init_noise``·I).
