@@ -91,3 +91,24 @@ def test_grid_points_are_the_cartesian_product():
     pts = get_optimizer("momentum").grid_points()
     assert len(pts) == len(get_optimizer("momentum").grid["lr"]) * len(get_optimizer("momentum").grid["momentum"])
     assert len({tuple(sorted(p.items())) for p in pts}) == len(pts)
+
+
+def test_a_failing_plugin_is_reported_and_retried_not_remembered(monkeypatch):
+    """Learned optimizers register through the ``l2o.optimizers`` entry points; one whose module
+    fails to import is warned about, named by the lookup, and tried again on the next lookup."""
+    from importlib.metadata import EntryPoint
+
+    import importlib.metadata as md
+
+    from l2o.baselines import registry
+
+    broken = EntryPoint("broken-opt", "l2o_no_such_module_xyz", registry.PLUGIN_GROUP)
+    original = md.entry_points
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [broken] + list(original(group=group)))
+    with pytest.warns(RuntimeWarning, match="broken-opt"):
+        with pytest.raises(ValueError, match="broken-opt.*failed to import.*ModuleNotFoundError"):
+            get_optimizer("broken-opt")
+    assert "l2o_no_such_module_xyz" not in registry._plugins_loaded
+    with pytest.warns(RuntimeWarning, match="broken-opt"):  # tried again, not remembered as loaded
+        optimizer_names()
+    assert {"psd", "l2lbgdbgd", "lto2016", "mlp-lopt"} <= set(optimizer_names(learned=True))

@@ -170,3 +170,36 @@ def test_learned_optimizer_with_weights_is_scored_and_weight_changes_are_refused
     psd_lstm.save_policy(policy, psd_lstm.init_net(1), {"note": "other weights"})
     with pytest.raises(ValueError, match="changed since the runs"):
         _quick(tmp_path, **kw)
+
+
+def test_a_bug_in_an_optimizer_is_raised_not_reported_as_absent(monkeypatch):
+    """ValueError/OSError (unknown name, missing or bad weights, no tuned setting) mean "cannot run";
+    any other exception is a bug and must propagate instead of marking the optimizer absent."""
+    from l2o.experiments.reproduce import check_optimizers
+
+    def missing_weights(params, hp):
+        raise FileNotFoundError("no such weights")
+
+    def buggy(params, hp):
+        return params.no_such_attribute  # AttributeError: a bug
+
+    monkeypatch.setitem(registry._REGISTRY, "noweights", OptimizerEntry("noweights", "NoWeights", missing_weights, learned=True))
+    monkeypatch.setitem(registry._REGISTRY, "buggy", OptimizerEntry("buggy", "Buggy", buggy, learned=True))
+    (status,) = check_optimizers(["noweights"])
+    assert not status.available and "FileNotFoundError: no such weights" in status.reason
+    with pytest.raises(AttributeError):
+        check_optimizers(["buggy"])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"invocations": 3}', "\xff\xfe"])
+def test_a_corrupt_manifest_is_an_error_not_a_fresh_start(tmp_path, content):
+    from l2o.experiments.reproduce import CorruptManifestError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(CorruptManifestError, match="manifest.json"):
+        _quick(tmp_path)
+    assert (out / "manifest.json").read_bytes() == content.encode("latin-1")  # left as it was
+    rc = main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out), "--optimizers", "sgd"])
+    assert rc == 2

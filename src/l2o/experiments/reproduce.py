@@ -209,7 +209,8 @@ def check_optimizers(names: Sequence[str], tuned: str | None = None) -> list[Opt
                 tuned_settings = tuned_settings or load_tuned(tuned)
                 spec = tuned_settings.spec(spec.name)
             opt = spec.build([torch.zeros(3, requires_grad=True)])
-        except Exception as e:  # noqa: BLE001 - any failure means "cannot run", reported with its reason
+        except (ValueError, OSError) as e:  # unknown name, bad or missing weights or settings: "cannot run";
+            # anything else (TypeError, AttributeError, ...) is a bug and propagates
             out.append(OptimizerStatus(_base(text), None, display, f"{type(e).__name__}: {e}", text=text))
             continue
         ckpt = getattr(opt, "checkpoint", None)
@@ -305,13 +306,24 @@ def _git_revision() -> str | None:
         return None
 
 
+class CorruptManifestError(ValueError):
+    """OUT/manifest.json exists but is not a JSON object of this tool."""
+
+
 def _load_manifest(path: Path) -> dict[str, Any]:
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            pass
-    return {}
+    """The provenance of earlier invocations into this output folder ({} for a new one); a file that
+    does not parse, or holds anything but a JSON object, is an error (never silently replaced)."""
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptManifestError(f"{path} is corrupt ({e}); restore it, or delete it to start the provenance "
+                                   "record afresh (the run records in that folder are kept)") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("invocations", []), list):
+        raise CorruptManifestError(f"{path} is not a reproduction manifest (expected a JSON object with a list of "
+                                   "invocations); restore it, or delete it to start the provenance record afresh")
+    return manifest
 
 
 def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progress: bool = True,
