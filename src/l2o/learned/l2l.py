@@ -38,6 +38,7 @@ from torch import Tensor
 
 from l2o.baselines.registry import OptimizerEntry, register_optimizer
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
+from l2o.learned.base import params_with_grad
 
 HIDDEN_SIZE = 20
 """Cells per LSTM layer (Andrychowicz et al. 2016: two layers of 20)."""
@@ -320,14 +321,9 @@ class L2LBGDBGD(torch.optim.Optimizer):
         # All coordinates of one (dtype, device) in one flat batch; every step is computed and checked
         # before any parameter or state changes (the new LSTM state goes to the other of two buffers).
         work: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, str]]] = {}
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("L2LBGDBGD does not support sparse gradients")
-                work.setdefault((p.dtype, p.device), []).append(
-                    (p, f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"))
+        for gi, pi, p in params_with_grad(self, "L2LBGDBGD"):
+            work.setdefault((p.dtype, p.device), []).append(
+                (p, f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"))
         done = []
         for (dtype, device), items in work.items():
             grads = [p.grad.reshape(-1) for p, _ in items]

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from l2o.learned.base import params_with_grad
 
 POLICY_KIND = "l2o-mlp-lopt-policy"
 """Checkpoint kind of a θ that :class:`MLPLOpt` loads."""
@@ -363,18 +364,13 @@ class MLPLOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MLPLOpt does not support sparse gradients")
-                g = p.grad.reshape(-1)
-                # a NaN/inf entry makes the sum NaN/inf; only then (or on overflow) check entry-wise
-                if not bool(torch.isfinite(g.sum())) and not torch.isfinite(g).all():
-                    raise FloatingPointError(
-                        f"MLPLOpt: the gradient of parameter {pi} of param group {gi} (shape {tuple(p.shape)}) has NaN/inf entries")
-                work.append((p, g))
+        for gi, pi, p in params_with_grad(self, "MLPLOpt"):
+            g = p.grad.reshape(-1)
+            # a NaN/inf entry makes the sum NaN/inf; only then (or on overflow) check entry-wise
+            if not bool(torch.isfinite(g.sum())) and not torch.isfinite(g).all():
+                raise FloatingPointError(
+                    f"MLPLOpt: the gradient of parameter {pi} of param group {gi} (shape {tuple(p.shape)}) has NaN/inf entries")
+            work.append((p, g))
         consts: dict[tuple[int, torch.dtype, torch.device], dict[str, Tensor]] = {}
         deltas: list[tuple[Tensor, Tensor]] = []
         for p, g in work:

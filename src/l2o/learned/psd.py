@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from l2o.baselines.registry import OptimizerEntry, register_optimizer
+from l2o.learned.base import params_with_grad
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2o.features.conv2017 import PSI_DIM, observation_step
 from l2o.features.sets import FeatureSet, get_feature_set
@@ -317,25 +318,20 @@ class PredictedStepDescent(torch.optim.Optimizer):
 
         # First pass: observations for every parameter, all checked before anything moves.
         work = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("PredictedStepDescent does not support sparse gradients")
-                g = p.grad.reshape(-1)
-                state = self.state[p] if p in self.state else {}  # not created before every check passed
-                x = p.detach().reshape(-1)
-                ft = f.to(dtype=p.dtype, device=p.device).reshape(())
-                mem = None
-                if self.features is None:  # the paper's Ψ (3 features)
-                    obs = observation_step(ft, state.get("f_prev"), g, state.get("g_prev"),
-                                           x, state.get("x_prev"), state.get("x_prev2"))
-                else:  # a named feature set, its O(n) memory kept as state["feat.*"] tensors
-                    old = {k[5:]: v for k, v in state.items() if k.startswith("feat.")} or \
-                        self.features.init(x.numel(), 0, p.dtype)
-                    _, obs, mem = self.features.step(old, int(state.get("step", 0)), x, g, ft, need_state=False)
-                work.append((p, (gi, pi), state, x, g, ft, obs, mem))
+        for gi, pi, p in params_with_grad(self, "PredictedStepDescent"):
+            g = p.grad.reshape(-1)
+            state = self.state[p] if p in self.state else {}  # not created before every check passed
+            x = p.detach().reshape(-1)
+            ft = f.to(dtype=p.dtype, device=p.device).reshape(())
+            mem = None
+            if self.features is None:  # the paper's Ψ (3 features)
+                obs = observation_step(ft, state.get("f_prev"), g, state.get("g_prev"),
+                                       x, state.get("x_prev"), state.get("x_prev2"))
+            else:  # a named feature set, its O(n) memory kept as state["feat.*"] tensors
+                old = {k[5:]: v for k, v in state.items() if k.startswith("feat.")} or \
+                    self.features.init(x.numel(), 0, p.dtype)
+                _, obs, mem = self.features.step(old, int(state.get("step", 0)), x, g, ft, need_state=False)
+            work.append((p, (gi, pi), state, x, g, ft, obs, mem))
         if not work:
             return loss
 
