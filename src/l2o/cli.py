@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 PRESETS: dict[str, dict] = {
     # The README's main job: needs no download (scikit-learn's bundled digits, real 8x8 images);
@@ -218,6 +219,18 @@ def _meta_train_l2l(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meta_executor(args: argparse.Namespace) -> Any:
+    """Where GPS's trajectories run: in this process (no --backend), or on an executor of
+    :mod:`l2o.execution` (same results; closed when training ends)."""
+    import contextlib
+
+    if args.backend is None:
+        return contextlib.nullcontext(None)
+    from l2o.execution import make_executor
+
+    return make_executor(args.backend, _jobs(args, args.backend, args.address), args.address)
+
+
 def _meta_train_psd(args: argparse.Namespace) -> int:
     """Meta-train Predicted Step Descent with Convolutional GPS (Li & Malik 2017)."""
     import shlex
@@ -236,7 +249,9 @@ def _meta_train_psd(args: argparse.Namespace) -> int:
         words += ["--iterations", str(args.iterations)]
     if args.data_dir:
         words += ["--data-dir", args.data_dir]
-    result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
+    with _meta_executor(args) as executor:
+        result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words),
+                            executor=executor)
     best = min((r["pi_auc"] for r in result.log if r["pi_auc"] is not None), default=float("nan"))
     print(f"iterations: {len(result.log)}  wall: {result.wall_s:.1f} s  best held-out π AUC: {best:.4f}")
     for name, path in (("checkpoint", result.checkpoint), ("policy", result.policy), ("log", result.log_file)):
@@ -259,8 +274,9 @@ def _meta_train_gps2016(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         words += ["--iterations", str(args.iterations)]
     t0 = time.perf_counter()
-    policy = meta_train(config, out, resume=args.resume, progress=not args.quiet, iterations=args.iterations,
-                        command=shlex.join(words))
+    with _meta_executor(args) as executor:
+        policy = meta_train(config, out, resume=args.resume, progress=not args.quiet, iterations=args.iterations,
+                            command=shlex.join(words), executor=executor)
     logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
     if logs:
         r = logs[-1]
@@ -282,18 +298,20 @@ META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd, "gps2016": _met
 """``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
 
 
-META_TRAIN_FLAGS = {"l2l": {"episodes", "data_dir"}, "psd": {"iterations", "data_dir"}, "gps2016": {"iterations"},
-                    "mlp-lopt": {"iterations", "data_dir"}}
+META_TRAIN_FLAGS = {"l2l": {"episodes", "data_dir"}, "psd": {"iterations", "data_dir", "backend", "address", "jobs"},
+                    "gps2016": {"iterations", "backend", "address", "jobs"}, "mlp-lopt": {"iterations", "data_dir"}}
 """Which of the optional meta-train flags each method uses (any other given is an error)."""
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
     allowed = META_TRAIN_FLAGS.get(args.method)
     if allowed is not None:
-        for flag in ("episodes", "iterations", "data_dir"):
+        for flag in ("episodes", "iterations", "data_dir", "backend", "address", "jobs"):
             if getattr(args, flag, None) is not None and flag not in allowed:
                 raise ValueError(f"--{flag.replace('_', '-')} does not apply to meta-train {args.method} "
                                  f"(it takes {', '.join('--' + f.replace('_', '-') for f in sorted(allowed))})")
+    if args.backend is not None or args.address is not None:
+        _check_backend(args.backend or "local", args.address)
     if allowed is not None:
         out = Path(args.out or f"runs/meta-train-{args.method}")
         if out.exists() and not out.is_dir():
@@ -388,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--episodes", type=positive_int, help="l2l: override the config's number of episodes")
     mt.add_argument("--iterations", type=positive_int, help="psd, gps2016: override the config's number of GPS iterations; mlp-lopt: of PES outer steps")
     mt.add_argument("--data-dir", default=None, help="l2l, psd: dataset root (also env L2O_DATA_DIR)")
+    mt.add_argument("--jobs", type=positive_int, default=None,
+                    help="psd, gps2016 with --backend: trajectories in flight at once (default: all CPUs)")
+    _add_backend(mt)
     mt.add_argument("--quiet", action="store_true", help="no progress bar")
     mt.set_defaults(func=cmd_meta_train)
 

@@ -151,3 +151,13 @@ def test_a_killed_driver_resumes_without_rerunning_finished_runs(ray_cluster, lo
     for f, mtime in finished.items():
         assert f.stat().st_mtime_ns == mtime, f"{f} was redone"
     assert _records(out) == _records(local_reference)
+
+
+def test_gps_iterations_with_ray_rollouts_equal_the_in_process_ones(ray_cluster, tmp_path):
+    """Meta-training rollouts as Ray tasks (issue 15): multi-condition GPS and Convolutional GPS give
+    bit for bit the iterations of the in-process run (records apart from wall times, π, ψ)."""
+    from tests.outer.gps.test_gps_executor import conv_run, multi_condition_run, same
+
+    with RayExecutor(jobs=2) as ex:
+        same(multi_condition_run(tmp_path / "m0", None), multi_condition_run(tmp_path / "m1", ex))
+        same(conv_run(tmp_path / "c0", None), conv_run(tmp_path / "c1", ex))

@@ -54,7 +54,7 @@ def test_a_gradient_descent_psi_reproduces_gradient_descent_in_the_mdp():
     traj = env.rollout(LinearGaussianController(_gd_policy(env, 0.5), noise=False), 4, torch.Generator().manual_seed(0))
     assert traj.n_valid == 4
     for j in range(4):
-        task = tasks[int(env._last_task_index[j])]
+        task = tasks[int(traj.task_index[j])]
         x = traj.states[j, 0, : env.n].clone()
         for t in range(10):
             torch.testing.assert_close(traj.states[j, t, : env.n], x)

@@ -61,10 +61,11 @@ def test_config_conditions() -> None:
 def test_cli_meta_train_resume_and_benchmark_by_name(tmp_path, capsys) -> None:
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert main(["meta-train", "gps2016", "--config", _config(tmp_path, 3), "--out", str(ref), "--quiet"]) == 0
-    # the same run in two calls: 2 iterations, then resumed and extended to 3
+    # the same run in two calls: 2 iterations, then resumed and extended to 3, with the conditions'
+    # trajectories in a pool of 2 worker processes for the second
     assert main(["meta-train", "gps2016", "--config", _config(tmp_path, 2), "--out", str(out), "--quiet"]) == 0
     assert main(["meta-train", "gps2016", "--config", _config(tmp_path, 2), "--out", str(out), "--quiet",
-                 "--resume", "--iterations", "3"]) == 0
+                 "--resume", "--iterations", "3", "--backend", "local", "--jobs", "2"]) == 0
     pa, _, meta_a = load_policy(ref / "policy.safetensors")
     pb, H, meta_b = load_policy(out / "policy.safetensors")
     assert H == 3 and meta_a["gps_iterations"] == meta_b["gps_iterations"] == 3

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from l2o.config import check_keys
+from l2o.execution import Executor
 from l2o.features.history2016 import feature_dim
 from l2o.outer.gps.linear_gaussian import LinearGaussianPolicy
 
@@ -107,9 +108,10 @@ def gradient_descent_psi(env: OptimizerEnv2016, lr: float, noise: float) -> Line
 
 
 def meta_train(config: LTO2016Config, out: Path, resume: bool = False, progress: bool = True,
-               iterations: int | None = None, command: str | None = None) -> Path:
+               iterations: int | None = None, command: str | None = None, executor: Executor | None = None) -> Path:
     """Run (or resume) GPS; export π to ``out/policy.safetensors`` and return that path.
-    ``iterations`` overrides the config's number of GPS iterations (also when resuming)."""
+    ``iterations`` overrides the config's number of GPS iterations (also when resuming); the
+    conditions' trajectories run on ``executor`` (:mod:`l2o.execution`) if given, same result."""
     torch.set_num_threads(1)
     out = Path(out)
     env, pi = build(config)
@@ -119,18 +121,18 @@ def meta_train(config: LTO2016Config, out: Path, resume: bool = False, progress:
         if not (out / CHECKPOINT_NAME).exists():
             raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_NAME} does not exist")
         if envs is not None:
-            trainer = MultiConditionGPSTrainer.resume(out, envs, pi, iterations=iterations, progress=progress)
+            trainer = MultiConditionGPSTrainer.resume(out, envs, pi, iterations=iterations, progress=progress, executor=executor)
         else:
-            trainer = GPSTrainer.resume(out, env, pi, iterations=iterations, progress=progress)
+            trainer = GPSTrainer.resume(out, env, pi, iterations=iterations, progress=progress, executor=executor)
     else:
         gps = config.gps_config()
         gps = GPSConfig.from_dict({**gps.to_dict(), "progress": progress,
                                    **({"iterations": iterations} if iterations is not None else {})})
         psi0 = gradient_descent_psi(env, config.init_lr, config.init_noise)
         if envs is not None:
-            trainer = MultiConditionGPSTrainer(envs, pi, gps, out, initial_psi=psi0)
+            trainer = MultiConditionGPSTrainer(envs, pi, gps, out, initial_psi=psi0, executor=executor)
         else:
-            trainer = GPSTrainer(env, pi, gps, out, initial_psi=psi0)
+            trainer = GPSTrainer(env, pi, gps, out, initial_psi=psi0, executor=executor)
     trainer.train()
     assert feature_dim(env.n, env.H) == pi.obs_dim
     return save_policy(out / POLICY_NAME, pi, config.history, {

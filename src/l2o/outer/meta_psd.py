@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from l2o.execution import Executor
 from l2o.outer.gps.conv_trainer import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -33,16 +34,17 @@ class MetaPSDResult:
 
 
 def meta_train(config: ConvGPSConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True,
-               command: str | None = None) -> MetaPSDResult:
+               command: str | None = None, executor: Executor | None = None) -> MetaPSDResult:
     """Run Convolutional GPS for ``config.iterations`` iterations into ``out``.
 
     Without ``resume`` an existing checkpoint in ``out`` is an error (so a run is never silently
-    mixed with another); with it, training continues from the last finished iteration.
+    mixed with another); with it, training continues from the last finished iteration. ψ's
+    trajectories run on ``executor`` (:mod:`l2o.execution`) if given, with the same result.
     """
     out = Path(out)
     if (out / CHECKPOINT_NAME).exists() and not resume:
         raise FileExistsError(f"{out / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out")
-    trainer = ConvGPSTrainer(config, out, command=command, progress=progress)
+    trainer = ConvGPSTrainer(config, out, command=command, progress=progress, executor=executor)
     log = trainer.train()
     return MetaPSDResult(log, trainer.wall, out / CHECKPOINT_NAME, out / POLICY_NAME, out / LOG_NAME)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from l2o.outer.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
 from l2o.outer.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem
 from l2o.outer.gps.loop import Samples, Setting, Unit, floor_noise
 from l2o.config import read_config_file
+from l2o.execution import Executor
 from l2o.learned import psd
 from l2o.tasks.base import Task
 
@@ -202,6 +204,13 @@ def pi_means(net: dict[str, Tensor], obs: Tensor, chunk: int = 2048) -> Tensor:
     return torch.cat(out).to(DTYPE).unsqueeze(-1)
 
 
+def _rollout_seed(task: Task, controller: Any, kwargs: dict[str, Any], threads: int, seed: int) -> Rollout:
+    """One trajectory of ``task`` under ``controller`` from ``seed`` (a picklable, deterministic job
+    for executors; the thread count is pinned so that every backend computes the same)."""
+    torch.set_num_threads(threads)
+    return rollout(task, controller, seed, **kwargs)
+
+
 # --------------------------------------------------------------------------- the setting
 class ConvSetting(Setting):
     """Convolutional GPS as a :class:`~l2o.outer.gps.loop.Setting`: one condition (the task), one unit
@@ -271,7 +280,9 @@ class ConvSetting(Setting):
         self.units = cd.units
         ctrl = GroupLinearGaussianController(self.task, [u.psi for u in cd.units])
         seeds = [TRAIN_SEED_BASE + c.seed * 10_000 + it * c.samples + m for m in range(c.samples)]
-        runs = [self._rollout(ctrl, s, T, c.coords_per_group, c.eval_every, c.curvature_every) for s in seeds]
+        runs = self.map(partial(_rollout_seed, self.task, ctrl, dict(
+            horizon=T, coords_per_group=c.coords_per_group, eval_every=c.eval_every, curvature_every=c.curvature_every,
+            features=self.features, curvature_along=c.curvature_along, curvature_batch=c.curvature_batch), c.threads), seeds)
         valid = [r for r in runs if not r.diverged]
         if len(valid) < c.min_valid:
             raise GPSIterationError(it, "sampling", f"{len(runs) - len(valid)} of {len(runs)} ψ trajectories diverged "
@@ -395,10 +406,12 @@ class ConvGPSTrainer(GPSLoop):
     """Meta-trains PSD's π with Convolutional GPS on one task (``config.task`` unless ``task`` is
     given); ``out`` receives ``checkpoint.safetensors``, ``log.jsonl`` (ψ's and π's true cost, KLs,
     η, ν, ε, π's regression error, wall time) and ``psd.safetensors`` (the π with the lowest
-    held-out AUC so far, with its provenance). :meth:`train` continues a checkpoint in ``out``."""
+    held-out AUC so far, with its provenance). :meth:`train` continues a checkpoint in ``out``.
+    ``executor`` (:mod:`l2o.execution`) runs ψ's M trajectories in parallel, with the same result."""
 
     def __init__(self, config: ConvGPSConfig, out: str | os.PathLike, task: Task | None = None,
-                 command: str | None = None, progress: bool = True, features: FeatureSet | None = None) -> None:
+                 command: str | None = None, progress: bool = True, features: FeatureSet | None = None,
+                 executor: Executor | None = None) -> None:
         if task is None:
             from l2o.tasks.registry import make_task
 
@@ -409,6 +422,7 @@ class ConvGPSTrainer(GPSLoop):
             raise ValueError(f"config.features is {config.features!r} but the feature set passed is {features.name!r}")
         super().__init__(ConvSetting(config, task, features, Path(out), progress, command), config, out, progress,
                          fresh=False)
+        self.setting.executor = executor
 
     log = property(lambda self: self.logs)
     groups = property(lambda self: self.units, doc="Per-group ψ_g, λ_g, ν_g, η_g, ... (empty before iteration 0).")

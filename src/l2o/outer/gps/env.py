@@ -57,6 +57,9 @@ class Trajectories:
         valid: [N] bool. A trajectory with any non-finite state, action, cost or observation is
             marked invalid here whatever the environment said (diverged); consumers drop invalid
             trajectories (never average them in) and report :attr:`n_diverged`.
+        task_index: [N] (int), which of the environment's objectives each trajectory ran on, for
+            environments with several (carried with the samples, so that models built from them
+            need no state of the environment: a rollout may have run in another process).
     """
 
     states: Tensor
@@ -64,6 +67,7 @@ class Trajectories:
     actions: Tensor
     costs: Tensor
     valid: Tensor | None = None
+    task_index: Tensor | None = None
 
     def __post_init__(self) -> None:
         S, U, c = _as64(self.states, "states"), _as64(self.actions, "actions"), _as64(self.costs, "costs")
@@ -107,7 +111,8 @@ class Trajectories:
     def select(self, mask: Tensor) -> Trajectories:
         """The trajectories where ``mask`` [N] (bool) is true."""
         m = torch.as_tensor(mask, dtype=torch.bool)
-        return Trajectories(self.states[m], self.observations[m], self.actions[m], self.costs[m], self.valid[m])
+        return Trajectories(self.states[m], self.observations[m], self.actions[m], self.costs[m], self.valid[m],
+                            None if self.task_index is None else self.task_index[m])
 
     def valid_only(self) -> Trajectories:
         """Drop the diverged trajectories."""

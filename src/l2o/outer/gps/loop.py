@@ -38,6 +38,7 @@ from torch import Tensor
 
 from l2o.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from l2o.config import check_field_types, check_keys
+from l2o.execution import Executor
 
 from .badmm import dual_step, kl_psi_pi, pi_covariance, pi_targets, update_epsilon, update_nu
 from .cost import QuadraticCost
@@ -228,6 +229,12 @@ class Setting(ABC):
     n_conditions: int = 1
     shared_pi_cov: bool = True
     pi_ready: bool = True  # False while π is a placeholder (then the ψ-step has no BADMM terms)
+    executor: Executor | None = None  # where rollouts run (l2o.execution); None: in this process
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, on the executor if there is one. ``fn`` must be picklable and
+        a deterministic function of its item, so that every backend gives the same result."""
+        return self.executor.map(fn, items) if self.executor is not None else [fn(x) for x in items]
 
     @abstractmethod
     def initial_conditions(self) -> list[Condition]:

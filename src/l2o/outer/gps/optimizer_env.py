@@ -48,7 +48,6 @@ class OptimizerEnv2016:
         self.H = history
         self._horizon = horizon
         self.max_abs_iterate = max_abs_iterate
-        self._last_task_index: Tensor | None = None
 
     @property
     def state_dim(self) -> int:
@@ -101,19 +100,14 @@ class OptimizerEnv2016:
             a = ctrl.act(t, S[:, t], S[:, t, self.n:], generator).to(DTYPE)
             U[:, t] = torch.where(valid.view(-1, 1), a, torch.zeros_like(a))
             xs = xs + U[:, t]
-        traj = Trajectories(S, S[:, :, self.n:], U, C, valid)
-        self._last_task_index, self._last_valid = which, traj.valid.clone()
-        return traj
+        return Trajectories(S, S[:, :, self.n:], U, C, valid, task_index=which)
 
     def _task_index(self, trajectories: Trajectories) -> Tensor:
-        """Which training objective each row of ``trajectories`` ran on: rows of the last rollout,
-        or of its valid-only selection."""
-        idx = self._last_task_index
-        if idx is not None and trajectories.n == idx.shape[0]:
-            return idx
-        if idx is not None and trajectories.n == int(self._last_valid.sum()):
-            return idx[self._last_valid]
-        raise ValueError("local models need the trajectories of this environment's last rollout")
+        """Which training objective each row of ``trajectories`` ran on (recorded by :meth:`rollout`)."""
+        idx = trajectories.task_index
+        if idx is None or (idx.numel() and int(idx.max()) >= len(self.tasks)):
+            raise ValueError("local models need trajectories from this environment's rollout (with their task_index)")
+        return idx
 
     def _mean_hessians(self, trajectories: Trajectories) -> Tensor:
         """H̄_t [T, n, n]: the mean over valid samples of ∇²f at each sample's x⁽ᵗ⁾ (cached per rollout)."""

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from l2o.checkpoint import CheckpointError, generator_state, load_checkpoint, restore_generator
+from l2o.execution import Executor
+
 from .cost import QuadraticCost, fit_quadratic_cost
 from .dynamics import GaussianPrior, GMMPrior, fit_dynamics, pooled_transitions
 from .env import Environment, LinearGaussianController, ModuleController, Trajectories
@@ -136,10 +138,9 @@ class ConditionSetting(Setting):
             raise ValueError(f"cost model has (T, D, d) = {(cost.T, cost.dim_s, cost.dim_a)}")
         return cost
 
-    def _problem(self, it: int, i: int, cd: Condition) -> Samples:
+    def _problem(self, it: int, i: int, cd: Condition, raw: Trajectories) -> Samples:
         c, env, (u,) = self.config, self.envs[i], cd.units
         stage = f"condition {i}, " if len(self.envs) > 1 else ""
-        raw = env.rollout(LinearGaussianController(u.psi, noise=True), c.samples, self.sample_gens[i])
         traj = raw.valid_only()
         if traj.n_valid < c.min_valid:
             raise GPSIterationError(it, stage + "sampling", f"only {traj.n_valid} of {raw.n} trajectories from ψ "
@@ -168,7 +169,15 @@ class ConditionSetting(Setting):
                        {"n_valid": traj.n_valid, "n_diverged": raw.n_diverged})
 
     def sample(self, it: int, conditions: list[Condition]) -> list[Samples]:
-        return [self._problem(it, i, cd) for i, cd in enumerate(conditions)]
+        """M trajectories per condition from ψ_c (conditions in parallel on the executor, if any:
+        each condition's generator travels with it, so every backend draws the same samples)."""
+        jobs = [(env, cd.units[0].psi, self.config.samples, generator_state(g), torch.get_num_threads())
+                for env, cd, g in zip(self.envs, conditions, self.sample_gens, strict=True)]
+        samples = []
+        for i, (cd, (raw, state)) in enumerate(zip(conditions, self.map(_sample_condition, jobs), strict=True)):
+            self.sample_gens[i] = restore_generator(state)
+            samples.append(self._problem(it, i, cd, raw))
+        return samples
 
     # ------------------------------------------------------------------ π
     def pi_mean(self, obs: Tensor) -> Tensor:
@@ -257,6 +266,15 @@ class ConditionSetting(Setting):
         self.pi_gen = restore_generator(meta["pi_rng"])
 
 
+def _sample_condition(job: tuple[Environment, LinearGaussianPolicy, int, Any, int]) -> tuple[Trajectories, Any]:
+    """n trajectories of one condition under ψ with exploration, from the generator state given;
+    returns them and the generator's next state (a picklable, deterministic job for executors)."""
+    env, psi, n, state, threads = job
+    torch.set_num_threads(threads)
+    gen = restore_generator(state)
+    return env.rollout(LinearGaussianController(psi, noise=True), n, gen), generator_state(gen)
+
+
 def _finite_or_none(x: float | Tensor) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -267,15 +285,17 @@ class MultiConditionGPSTrainer(GPSLoop):
     all of the same (T, D, d)), μ^π ``policy_module`` on observations [N, T, O] → [N, T, d] (trained
     in place), ``config`` (``samples``/``eval_samples`` per condition), ``out_dir`` for the log and
     checkpoint, and ψ₀ (one for all or one per condition; default K = 0, k = 0, G = ``init_noise``·I).
+    ``executor`` (:mod:`l2o.execution`) runs the conditions' trajectories in parallel, same result.
     """
 
     def __init__(self, envs: Sequence[Environment] | Environment, policy_module: nn.Module, config: GPSConfig,
                  out_dir: str | os.PathLike,
                  initial_psi: LinearGaussianPolicy | Sequence[LinearGaussianPolicy] | None = None,
-                 _fresh: bool = True) -> None:
+                 _fresh: bool = True, executor: Executor | None = None) -> None:
         envs = [envs] if isinstance(envs, Environment) else list(envs)
         super().__init__(ConditionSetting(envs, policy_module, config, initial_psi), config, out_dir,
                          progress=config.progress, fresh=_fresh)
+        self.setting.executor = executor
         self.module = policy_module
 
     @property
@@ -289,14 +309,14 @@ class MultiConditionGPSTrainer(GPSLoop):
 
     @classmethod
     def resume(cls, out_dir: str | os.PathLike, envs: Sequence[Environment] | Environment, policy_module: nn.Module,
-               iterations: int | None = None, progress: bool | None = None):
+               iterations: int | None = None, progress: bool | None = None, executor: Executor | None = None):
         """Continue the run saved in ``out_dir`` exactly where its last checkpoint left it, with its
         config (``iterations`` may extend it, ``progress`` toggles the bar); ``envs`` and
         ``policy_module`` built as for the original run (the module's weights are overwritten)."""
         _, meta = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME, f"l2o-gps/{ConditionSetting.name}")
         overrides = {"iterations": iterations, "progress": progress}
         cfg = {**meta["config"], **{k: v for k, v in overrides.items() if v is not None}}
-        self = cls(envs, policy_module, GPSConfig.from_dict(cfg), out_dir, _fresh=False)
+        self = cls(envs, policy_module, GPSConfig.from_dict(cfg), out_dir, _fresh=False, executor=executor)
         self.load()
         return self
 
@@ -305,8 +325,9 @@ class GPSTrainer(MultiConditionGPSTrainer):
     """GPS with BADMM on one condition: a time-varying linear-Gaussian ψ guides a torch module π."""
 
     def __init__(self, env: Environment, policy_module: nn.Module, config: GPSConfig, out_dir: str | os.PathLike,
-                 initial_psi: LinearGaussianPolicy | None = None, _fresh: bool = True) -> None:
-        super().__init__(env, policy_module, config, out_dir, initial_psi, _fresh)
+                 initial_psi: LinearGaussianPolicy | None = None, _fresh: bool = True,
+                 executor: Executor | None = None) -> None:
+        super().__init__(env, policy_module, config, out_dir, initial_psi, _fresh, executor)
         if self.n_conditions != 1:
             raise ValueError(f"GPSTrainer runs one condition, got {self.n_conditions}: use MultiConditionGPSTrainer")
 
