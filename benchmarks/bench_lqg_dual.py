@@ -38,7 +38,7 @@ class _Reference:
         self.args = (dynamics, cost, prev_policy)
         self.kw = dict(lambda_=lambda_, nu=nu, pi_fit=pi_fit, group=group)
 
-    def __call__(self, eta: float):
+    def __call__(self, eta: float, value: bool = True):
         return lqg.solve_fixed_eta(*self.args, eta, **self.kw)
 
 

@@ -136,3 +136,22 @@ def test_mix_config_parses() -> None:
     cfg = MetaMLPLOptConfig.from_file(Path(__file__).resolve().parents[2] / "configs" / "mlp-lopt-pes-mix.toml")
     assert all(t.startswith("mnist:") for t in cfg.task_specs) and len(cfg.task_specs) > 1
     assert cfg.init_from is not None and cfg.n_pairs >= len(cfg.task_specs)
+
+
+def test_packaged_mixture_weights_are_the_documented_run() -> None:
+    import hashlib
+
+    import l2o
+    from l2o.learned.mlp_lopt import WEIGHTS_DIR, MLPLOpt
+
+    path = WEIGHTS_DIR / "mlp-lopt-mix.safetensors"
+    desc = json.loads(path.with_suffix(".json").read_text())
+    assert desc["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    theta, arch, meta = load_policy(path)
+    info = meta["info"]
+    assert info["outer_steps"] == desc["info"]["outer_steps"] == 2690
+    assert all(t.startswith("mnist:") for t in info["config"]["tasks"])  # TFD and CIFAR unseen
+    shipped, _, _ = load_policy(WEIGHTS_DIR / "mlp-lopt.safetensors")
+    assert not torch.equal(theta_to_flat(theta), theta_to_flat(shipped))
+    m = torch.nn.Linear(4, 3)
+    assert isinstance(l2o.make_optimizer(f"mlp-lopt:checkpoint={path}", m.parameters()), MLPLOpt)

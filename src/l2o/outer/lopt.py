@@ -93,9 +93,11 @@ class MLPLOptMixture:
 
     A particle's meta-loss is its task's raw mini-batch loss, unweighted: the tasks are MNIST
     classifiers (cross-entropy of an MLP on projected MNIST, see
-    :class:`l2o.outer.meta_mlp_lopt.MetaMLPLOptConfig`) whose AdaGrad-θ₀ losses are on one scale
-    (≈0.3–0.6 over a 400-step run), so ĝ is the gradient of the mixture's mean AUC, with each task
-    weighted by its share of particles.
+    :class:`l2o.outer.meta_mlp_lopt.MetaMLPLOptConfig`) whose losses are on one scale (tuned
+    AdaGrad's 400-step AUC: 0.48 on ``mnist:48-48:b64``, 0.75 on ``:b10``, 1.07 on
+    ``mnist:100-200:b10``), so ĝ is the gradient of the mixture's mean AUC, each task weighted by
+    its share of particles. Not normalised per task: a task whose loss reacts more to θ weighs more
+    in ĝ (in docs/RESULTS.md's mixture run, ``mnist:100-200:b10`` dominated).
     """
 
     def __init__(self, problems: list[MLPLOptProblem]) -> None:

@@ -15,12 +15,17 @@ Conventions:
   above when ν_t is constant in t; for a time-varying ν_t it uses G_t = (η + ν_t) Q_uu⁻¹ of the
   unscaled cost, which GPS's per-step division only approximates.
 * :func:`backward` on a raw cost c̃ gives plain LQR gains, with G_t = Q_uu⁻¹ of c̃.
+* Where [A_t B_t] is mostly shift and selection rows (the 2016 optimizer MDP: history blocks
+  shift by one lag), the backward and forward passes apply it by gathering rows
+  (:class:`_RowGather`) instead of D×D×(D+d) products; the same sums to float tolerance
+  (tests/outer/gps/test_gps_lqg_structured.py). Dense dynamics take the dense products as before.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -33,6 +38,7 @@ from .linear_gaussian import (
     DTYPE,
     LinearGaussianDynamics,
     LinearGaussianPolicy,
+    StateDistribution,
     _as64,
     _sym,
     forward,
@@ -49,6 +55,93 @@ __all__ = [
     "expected_cost",
     "solve_trust_region",
 ]
+
+
+# --------------------------------------------------------------------------- structured dynamics
+_MAX_GATHER = 2  # rows with at most this many nonzeros are gathered, the others multiplied densely
+_MAX_DENSE_FRACTION = 0.25  # more dense rows than this: the plain dense product
+
+
+class _RowGather:
+    """X ↦ M X for a fixed M [r, c] most of whose rows have ≤ 2 nonzeros (shift and selection
+    rows, as in the 2016 optimizer MDP's [A_t B_t]): those rows are gathered and scaled, the few
+    others multiplied densely on their nonzero columns. The same sums as M @ X up to rounding
+    (the nonzero terms of a row are added in a different order); O(r·k + dense rows·their
+    columns·k) instead of O(r·c·k)."""
+
+    def __init__(self, M: Tensor, rows: Tensor) -> None:
+        self.n_rows = M.shape[0]
+        self.dense_rows = rows
+        self.used = torch.nonzero((M[rows] != 0).any(0)).flatten()  # the dense rows' nonzero columns
+        self.dense = M[rows][:, self.used].contiguous()
+        r, c = torch.nonzero(M, as_tuple=True)  # row-major: each row's nonzeros in column order
+        keep = torch.ones(self.n_rows, dtype=torch.bool)
+        keep[rows] = False
+        sel = keep[r]
+        r, c = r[sel], c[sel]
+        v = M[r, c]
+        start = torch.zeros(self.n_rows + 1, dtype=torch.long)
+        start[1:] = torch.bincount(r, minlength=self.n_rows).cumsum(0)
+        rank = torch.arange(r.numel()) - start[r]  # j: the j-th nonzero of its row
+        first = rank == 0
+        # the first nonzero of each gathered row (column 0, value 0 for empty and dense rows)
+        self.cols0 = torch.zeros(self.n_rows, dtype=torch.long)
+        self.vals0 = torch.zeros(self.n_rows, dtype=M.dtype)
+        self.cols0[r[first]], self.vals0[r[first]] = c[first], v[first]
+        self.ones0 = bool((self.vals0[keep] == 1).all())  # every gathered row selects: no scaling
+        self.more = [(r[rank == j], c[rank == j], v[rank == j]) for j in range(1, _MAX_GATHER)]
+        self.more = [(a, b, w) for a, b, w in self.more if a.numel()]
+
+    def __call__(self, X: Tensor) -> Tensor:
+        """M @ X for X [c] or [c, k]."""
+        out = X.index_select(0, self.cols0)
+        if not self.ones0:
+            out.mul_(self.vals0 if X.ndim == 1 else self.vals0[:, None])
+        for r, c, v in self.more:
+            out.index_add_(0, r, X.index_select(0, c) * (v if X.ndim == 1 else v[:, None]))
+        if self.dense_rows.numel():
+            out[self.dense_rows] = self.dense @ X.index_select(0, self.used)
+        return out
+
+    def right(self, Y: Tensor) -> Tensor:
+        """Y @ Mᵀ for Y [k, c]."""
+        out = Y.index_select(1, self.cols0)
+        if not self.ones0:
+            out.mul_(self.vals0)
+        for r, c, v in self.more:
+            out.index_add_(1, r, Y.index_select(1, c) * v)
+        if self.dense_rows.numel():
+            out[:, self.dense_rows] = Y.index_select(1, self.used) @ self.dense.T
+        return out
+
+    @classmethod
+    def maybe(cls, M: Tensor) -> _RowGather | None:
+        """The gather form of M, or None when too many of its rows are dense for it to pay."""
+        dense = torch.nonzero((M != 0).sum(1) > _MAX_GATHER).flatten()
+        return cls(M, dense) if dense.numel() <= _MAX_DENSE_FRACTION * M.shape[0] else None
+
+
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sym_into(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """_sym(x) = ½(x + xᵀ), bitwise, with one temporary fewer (into ``out`` if given)."""
+    y = torch.add(x, x.mT, out=out) if out is not None else x + x.mT
+    return y.mul_(0.5)
+
+
+def _structure(dynamics: LinearGaussianDynamics) -> tuple[Tensor, list[tuple[_RowGather, _RowGather] | None]]:
+    """[A_t B_t] and, per transition t, the gather forms of it and its transpose (None: dense
+    products); built once per dynamics object (the dual solves dozens of LQGs on one)."""
+    cached = _STRUCTURE.get(dynamics)
+    if cached is None:
+        AB = dynamics.AB
+        st = []
+        for t in range(AB.shape[0]):
+            fwd, bwd = _RowGather.maybe(AB[t]), _RowGather.maybe(AB[t].T)
+            st.append((fwd, bwd) if fwd is not None and bwd is not None else None)
+        cached = _STRUCTURE[dynamics] = (AB, st)
+    return cached
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +173,13 @@ def backward(
     LQR the gains K_t, k_t do not depend on w.) Raises :class:`NotPositiveDefiniteError` (with
     ``t``, ``group``) if Q_uu is not positive definite (or not finite) at some t.
     """
+    return _backward(dynamics, cost, entropy_weight, group, True)
+
+
+def _backward(dynamics: LinearGaussianDynamics, cost: QuadraticCost, entropy_weight: Tensor | float | None,
+              group: Any, value: bool) -> tuple[LinearGaussianPolicy, ValueFunction | None]:
+    """:func:`backward`; ``value=False`` does not collect the value function (None), which the
+    dual search does not use."""
     T, D, d = cost.T, cost.dim_s, cost.dim_a
     w = torch.ones(T, dtype=DTYPE) if entropy_weight is None else _per_step(entropy_weight, T, "entropy_weight")
     if bool((w <= 0).any()):
@@ -88,7 +188,7 @@ def backward(
         raise ValueError(f"dynamics has {dynamics.horizon - 1} transitions, cost has T={T} steps (need T−1)")
     if dynamics.dim_s != D or dynamics.dim_a != d:
         raise ValueError("dynamics and cost state/action sizes differ")
-    AB = dynamics.AB
+    AB, structure = _structure(dynamics)
     Vxx = torch.zeros(D, D, dtype=DTYPE)
     Vx = torch.zeros(D, dtype=DTYPE)
     Ks: list[Tensor] = []
@@ -99,12 +199,16 @@ def backward(
     Qxuxus: list[Tensor] = []
     Qxus: list[Tensor] = []
     for t in range(T - 1, -1, -1):
-        Qxuxu = cost.C[t]
-        Qxu = cost.d[t]
-        if t < T - 1:
+        Qxuxu, Qxu = cost.at(t) if isinstance(cost, _StepCosts) else (cost.C[t], cost.d[t])
+        if t < T - 1 and structure[t] is not None:  # [A_t B_t] mostly shifts and selections
+            ABt = structure[t][1]
+            Z = ABt.right(ABt(Vxx))  # (Aᵀ V) A with Aᵀ's rows gathered
+            Qxuxu = Z.add_(Qxuxu)  # = Qxuxu + Z
+            Qxu = ABt(Vxx @ dynamics.c[t] + Vx).add_(Qxu)
+        elif t < T - 1:
             Qxuxu = Qxuxu + AB[t].T @ Vxx @ AB[t]
             Qxu = Qxu + AB[t].T @ (Vxx @ dynamics.c[t] + Vx)
-        Qxuxu = _sym(Qxuxu)
+        Qxuxu = _sym_into(Qxuxu)
         if not (bool(torch.isfinite(Qxuxu).all()) and bool(torch.isfinite(Qxu).all())):
             raise NotPositiveDefiniteError(t=t, group=group, detail="non-finite Q-function")
         Quu, Qus = Qxuxu[D:, D:], Qxuxu[D:, :D]
@@ -118,17 +222,17 @@ def backward(
         if int(torch.linalg.cholesky_ex(G)[1]) != 0 or not bool(torch.isfinite(G).all()):
             raise NotPositiveDefiniteError(t=t, group=group, detail="Q_uu too ill-conditioned to invert")
         Qsu = Qxuxu[:D, D:]
-        Vxx = _sym(Qxuxu[:D, :D] + Qsu @ K)
+        Vxx = _sym_into((Qsu @ K).add_(Qxuxu[:D, :D]))
         Vx = Qxu[:D] + Qsu @ k
-        for lst, x in ((Ks, K), (ks, k), (Gs, G), (Vxxs, Vxx), (Vxs, Vx), (Qxuxus, Qxuxu), (Qxus, Qxu)):
+        for lst, x in ((Ks, K), (ks, k), (Gs, G)) + (((Vxxs, Vxx), (Vxs, Vx), (Qxuxus, Qxuxu), (Qxus, Qxu))
+                                                     if value else ()):
             lst.append(x)
 
     def stack(xs: list[Tensor]) -> Tensor:  # collected backwards in time
         return torch.stack(xs[::-1])
 
     policy = LinearGaussianPolicy(stack(Ks), stack(ks), stack(Gs))
-    value = ValueFunction(stack(Vxxs), stack(Vxs), stack(Qxuxus), stack(Qxus))
-    return policy, value
+    return policy, (ValueFunction(stack(Vxxs), stack(Vxs), stack(Qxuxus), stack(Qxus)) if value else None)
 
 
 def neg_log_policy_cost(policy: LinearGaussianPolicy) -> QuadraticCost:
@@ -251,11 +355,11 @@ def solve_fixed_eta(
 
 
 def _solve_numerator(dynamics: LinearGaussianDynamics, num: QuadraticCost, w: Tensor,
-                     group: Any) -> tuple[LinearGaussianPolicy, ValueFunction]:
+                     group: Any, value: bool = True) -> tuple[LinearGaussianPolicy, ValueFunction | None]:
     """backward() on the Lagrangian's numerator with entropy weights w_t = η + ν_t."""
     if bool((w == w[0]).all()):
-        return backward(dynamics, num.scale(1.0 / w), group=group)
-    return backward(dynamics, num, entropy_weight=w, group=group)
+        return _backward(dynamics, num.scale(1.0 / w), None, group, value)
+    return _backward(dynamics, num, w, group, value)
 
 
 class _FixedEtaSolver:
@@ -272,15 +376,87 @@ class _FixedEtaSolver:
         self.pi_term = _pi_term(pi_fit, self.nu)
         self.dynamics, self.group = dynamics, group
 
-    def __call__(self, eta: float) -> tuple[LinearGaussianPolicy, ValueFunction]:
+    def __call__(self, eta: float, value: bool = True) -> tuple[LinearGaussianPolicy, ValueFunction | None]:
         eta = _check_eta(eta)
         w = eta + self.nu
         if bool((w <= 0).any()):
             raise ValueError("η + ν_t must be > 0 for every t (use backward() directly for the raw cost)")
-        total = self.base + self.neg_log_old.scale(eta) if eta > 0 else self.base
+        const = bool((w == w[0]).all())  # as _solve_numerator: scaled cost, or entropy weights w
+        total = _StepCosts(self.base, self.neg_log_old if eta > 0 else None, eta, self.pi_term,
+                           1.0 / w if const else None)
+        return _backward(self.dynamics, total, None if const else w, self.group, value)
+
+
+class _StepCosts:
+    """((c̃ − λᵀa) + η·(−log ψ_old) + ν·(−log π̂))·s_t one step at a time, for the backward pass:
+    per t the same elementwise operations as the sums and scalings of the [T, n, n] costs
+    (bitwise the same C_t, d_t), without building those."""
+
+    def __init__(self, base: QuadraticCost, neg_log_old: QuadraticCost | None, eta: float,
+                 pi_term: QuadraticCost | None, scale: Tensor | None) -> None:
+        self.base, self.old, self.pi_term, self.s = base, neg_log_old, pi_term, scale
+        self.eta = torch.tensor(eta, dtype=DTYPE)
+        self.T, self.dim_s, self.dim_a = base.T, base.dim_s, base.dim_a
+
+    def at(self, t: int) -> tuple[Tensor, Tensor]:
+        """C_t, d_t (fresh tensors; the sums in place, x + y = y + x bitwise)."""
+        if self.old is not None:
+            C, d = self.old.C[t] * self.eta, self.old.d[t] * self.eta
+            C.add_(self.base.C[t])
+            d.add_(self.base.d[t])
+        else:
+            C, d = self.base.C[t].clone(), self.base.d[t].clone()
         if self.pi_term is not None:
-            total = total + self.pi_term
-        return _solve_numerator(self.dynamics, total, w, self.group)
+            C.add_(self.pi_term.C[t])
+            d.add_(self.pi_term.d[t])
+        if self.s is not None:
+            C.mul_(self.s[t])
+            d.mul_(self.s[t])
+        return C, d
+
+
+def _forward(policy: LinearGaussianPolicy, dynamics: LinearGaussianDynamics, mu0: Tensor, sigma0: Tensor,
+             joint: bool = True, on_joint: Any = None) -> StateDistribution:
+    """:func:`~l2o.outer.gps.linear_gaussian.forward` with [A_t B_t] applied in its gather form
+    where it has one (:func:`_structure`; elsewhere the same dense products); ``joint=False``
+    leaves out the joint [s; a] moments (None), which the dual's KL does not need; ``on_joint(t,
+    mean, cov)`` is called with them per t instead."""
+    AB, st = _structure(dynamics)
+    if all(x is None for x in st):
+        return forward(policy, dynamics, mu0, sigma0)
+    T, D = policy.T, policy.dim_s
+    if dynamics.horizon != T:
+        raise ValueError(f"dynamics has {dynamics.horizon - 1} transitions, policy has T={T} steps (need T−1)")
+    if dynamics.dim_s != D or dynamics.dim_a != policy.dim_a:
+        raise ValueError("policy and dynamics state/action sizes differ")
+    mu = _as64(mu0, "mu0").reshape(D)
+    covs = torch.empty(T, D, D, dtype=DTYPE)  # Σ_t written in place (no stacking)
+    sigma = _sym_into(_as64(sigma0, "sigma0").reshape(D, D), out=covs[0])
+    means, xu_means, xu_covs = [], [], []
+    for t in range(T):
+        K = policy.K[t]
+        a_mean = K @ mu + policy.k[t]
+        SK = sigma @ K.T
+        xu_mean = torch.cat([mu, a_mean])
+        xu_cov = torch.cat(
+            [torch.cat([sigma, SK], 1), torch.cat([SK.T, _sym(K @ SK + policy.cov[t])], 1)], 0
+        )
+        means.append(mu)
+        if on_joint is not None:
+            on_joint(t, xu_mean, xu_cov)
+        if joint:
+            xu_means.append(xu_mean)
+            xu_covs.append(xu_cov)
+        if t < T - 1 and st[t] is not None:
+            G = st[t][0]
+            mu = G(xu_mean) + dynamics.c[t]
+            # (A Σ) Aᵀ with A's rows gathered
+            sigma = _sym_into(G.right(G(xu_cov)).add_(dynamics.F[t]), out=covs[t + 1])
+        elif t < T - 1:
+            mu = AB[t] @ xu_mean + dynamics.c[t]
+            sigma = _sym_into(AB[t] @ xu_cov @ AB[t].T + dynamics.F[t], out=covs[t + 1])
+    return StateDistribution(torch.stack(means), covs,
+                             torch.stack(xu_means) if joint else None, torch.stack(xu_covs) if joint else None)
 
 
 def expected_cost(
@@ -291,8 +467,16 @@ def expected_cost(
     sigma0: Tensor,
 ) -> Tensor:
     """E_ψ̃ c̃_t(s_t, a_t) per t, [T], under p̃, ψ and s_0 ~ N(μ₀, Σ₀)."""
-    dist = forward(policy, dynamics, mu0, sigma0)
-    return cost.expected(dist.xu_mean, dist.xu_cov)
+    if all(x is None for x in _structure(dynamics)[1]):
+        dist = forward(policy, dynamics, mu0, sigma0)
+        return cost.expected(dist.xu_mean, dist.xu_cov)
+    out = torch.empty(cost.T, dtype=DTYPE)
+
+    def step(t: int, m: Tensor, S: Tensor) -> None:  # cost.expected's terms at one t
+        out[t] = 0.5 * ((cost.C[t] * S.mT).sum() + m @ cost.C[t] @ m) + cost.d[t] @ m + cost.h[t]
+
+    _forward(policy, dynamics, mu0, sigma0, joint=False, on_joint=step)
+    return out
 
 
 class TrustRegionResult(NamedTuple):
@@ -340,8 +524,8 @@ def solve_trust_region(
     solve = _FixedEtaSolver(dynamics, cost, prev_policy, lambda_, nu, pi_fit, group)
 
     def evaluate(eta: float) -> tuple[LinearGaussianPolicy, float]:
-        pol, _ = solve(eta)
-        dist = forward(pol, dynamics, mu0, sigma0)
+        pol, _ = solve(eta, value=False)
+        dist = _forward(pol, dynamics, mu0, sigma0, joint=False)
         kl = float(kl_divergence(pol, prev_policy, dist.state_mean, dist.state_cov).sum())
         return pol, (kl if math.isfinite(kl) else math.inf)
 

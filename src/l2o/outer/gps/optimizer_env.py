@@ -25,10 +25,24 @@ from torch import Tensor
 from l2o.features.history2016 import HistoryTracker, feature_dim
 from l2o.outer.gps.cost import QuadraticCost
 from l2o.outer.gps.env import Controller, Trajectories, as_controller
-from l2o.outer.gps.linear_gaussian import LinearGaussianDynamics, LinearGaussianPolicy
+from l2o.outer.gps.linear_gaussian import LinearGaussianDynamics, LinearGaussianPolicy, _sym
 from l2o.tasks.base import Task, flatten, unflatten
 
 DTYPE = torch.float64
+
+
+def _dynamics(A: Tensor, B: Tensor, c: Tensor, F: Tensor) -> LinearGaussianDynamics:
+    """LinearGaussianDynamics(A, B, c, F) for F = (a Gram matrix) + min_noise·I, positive definite
+    by construction: the same object without the eigenvalue check of every F_t (D×D each, the
+    bulk of the fit's time on the small-net state). Non-finite parts are still refused; F is
+    symmetrised exactly as the validation would."""
+    for name, x in (("A", A), ("B", B), ("c", c), ("F", F)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains non-finite values")
+    obj = object.__new__(LinearGaussianDynamics)
+    for name, x in (("A", A), ("B", B), ("c", c), ("F", _sym(F))):
+        object.__setattr__(obj, name, x)
+    return obj
 
 
 class OptimizerEnv2016:
@@ -119,14 +133,20 @@ class OptimizerEnv2016:
         if not rows:
             raise ValueError("every sampled trajectory diverged; no local model can be built")
         out = torch.zeros(self.horizon, self.n, self.n, dtype=DTYPE)
-        for j in rows:
-            task = self.tasks[int(index[j])]
+        hess: dict[int, Tensor] = {}
+        for k in sorted({int(index[j]) for j in rows}):  # one vmap over all of an objective's (sample, t)
+            task = self.tasks[k]
+            mine = [j for j in rows if int(index[j]) == k]
 
             def f(v: Tensor, task: Task = task) -> Tensor:
                 return task.loss(unflatten(v, task.groups))
 
-            hess = torch.func.vmap(torch.func.hessian(f))(trajectories.states[j, :, : self.n])
-            out += hess
+            x = trajectories.states[mine, :, : self.n]
+            h = torch.func.vmap(torch.func.hessian(f))(x.reshape(-1, self.n)).reshape(len(mine), self.horizon,
+                                                                                     self.n, self.n)
+            hess.update(zip(mine, h))
+        for j in rows:  # summed in sample order, as before
+            out += hess[j]
         out /= len(rows)
         out = 0.5 * (out + out.transpose(1, 2))
         self._hess_cache = (trajectories, out)
@@ -175,7 +195,7 @@ class OptimizerEnv2016:
             c[t] += resid.mean(0)
             rc = resid - resid.mean(0)
             F[t] = rc.T @ rc / max(rc.shape[0] - 1, 1) + min_noise * torch.eye(D, dtype=DTYPE)
-        return LinearGaussianDynamics(A, B, c, F)
+        return _dynamics(A, B, c, F)
 
     def local_cost(self, trajectories: Trajectories) -> QuadraticCost:
         """c̃_t(s, a) = w_t (g_tᵀa + ½ aᵀH̄_t a) + h_t, w_t = T − 1 − t; h_0 = T·mean f(x⁽⁰⁾), else 0.
@@ -203,4 +223,9 @@ class OptimizerEnv2016:
             Cq[t, D:, D:] = w * (evecs * evals.clamp(min=0.0)) @ evecs.T
             Cq[t, g0:g0 + n, D:] = w * eye  # ½ xuᵀ C xu contains w gᵀa through both off-diagonal blocks
             Cq[t, D:, g0:g0 + n] = w * eye
-        return QuadraticCost(Cq, torch.zeros(T, m, dtype=DTYPE), hq, D)
+        if not (bool(torch.isfinite(Cq).all()) and bool(torch.isfinite(hq).all())):
+            raise ValueError("C contains non-finite values" if not bool(torch.isfinite(Cq).all())
+                             else "h contains non-finite values")
+        # symmetric by construction up to the rounding of evecs·diag·evecsᵀ; symmetrised exactly as
+        # QuadraticCost's validation would (which costs more than building the model)
+        return QuadraticCost._unchecked(_sym(Cq), torch.zeros(T, m, dtype=DTYPE), hq, D)
