@@ -155,3 +155,14 @@ def test_packaged_mixture_weights_are_the_documented_run() -> None:
     assert not torch.equal(theta_to_flat(theta), theta_to_flat(shipped))
     m = torch.nn.Linear(4, 3)
     assert isinstance(l2o.make_optimizer(f"mlp-lopt:checkpoint={path}", m.parameters()), MLPLOpt)
+
+
+def test_rank_shaping_ranks_within_each_task() -> None:
+    a, b = tiny_mlp_task(batch=16), tiny_mlp_task(batch=4)
+    tr = build_trainer(_config(rank_shaping=True, n_pairs=4), [a, b])
+    L = torch.tensor([[1.0, 100.0, 2.0, 300.0], [4.0, 200.0, 3.0, 400.0]])
+    s = tr.score(L)  # task 0: particles 0, 2 (losses 1, 2 | 4, 3); task 1: particles 1, 3
+    torch.testing.assert_close(s[:, 0::2], torch.tensor([[-0.5, -1 / 6], [0.5, 1 / 6]]))
+    torch.testing.assert_close(s[:, 1::2], torch.tensor([[-0.5, 1 / 6], [-1 / 6, 0.5]]))
+    plain = build_trainer(_config(rank_shaping=False, n_pairs=4), [a, b])
+    assert torch.equal(plain.score(L), L)

@@ -23,7 +23,7 @@ from l2o.learned.mlp_lopt import (MLPLOptArch, flat_to_theta, init_theta, load_p
                                   theta_to_flat)
 from l2o.outer.base import OuterRunResult, run_outer
 from l2o.outer.lopt import MLPLOptMixture, MLPLOptProblem
-from l2o.outer.pes import PESConfig, PESTrainer
+from l2o.outer.pes import PESConfig, PESTrainer, centred_ranks
 
 TRAIN_KIND = "l2o-meta-mlp-lopt-train"
 POLICY_NAME = "mlp-lopt.safetensors"
@@ -45,6 +45,8 @@ class MetaMLPLOptConfig:
     round-robin (needs ``n_pairs`` ≥ the number of tasks); ``tasks`` replaces ``task`` (a config
     file may give only one of the two). ``init_from``: a policy (``mlp-lopt.safetensors``) or PES
     training checkpoint whose θ starts the run instead of θ₀ (its arch must equal this one's).
+    With ``tasks``, ``rank_shaping`` ranks within each task's particles (tasks weigh equally);
+    without it the raw losses are used, and the task whose loss reacts most to θ dominates.
     """
 
     task: str = "mnist:48-48:b64"
@@ -142,10 +144,22 @@ def _check_mixture(tasks: Any, n_pairs: int) -> None:
 
 
 class _Trainer(PESTrainer):
-    """PES; on a mixture, also logs each task's meta-loss (``meta_loss_by_task``)."""
+    """PES; on a mixture, also logs each task's meta-loss (``meta_loss_by_task``), and
+    ``rank_shaping`` ranks the losses within each task's particles (each task's pairs then weigh
+    the same in ĝ, whatever the scale or sensitivity of its loss)."""
 
     kind = TRAIN_KIND
     _last_loss: Any = None
+
+    def score(self, L: Any) -> Any:
+        if not (self.config.rank_shaping and isinstance(self.problem, MLPLOptMixture)):
+            return super().score(L)
+        task_of = self.problem.assignment(self.config.n_pairs)
+        out = torch.empty_like(L)
+        for k in range(len(self.problem.problems)):
+            sel = task_of == k
+            out[:, sel] = centred_ranks(L[:, sel])
+        return out
 
     def _unroll(self, theta_pm: Any) -> Any:
         self._last_loss = L = super()._unroll(theta_pm)

@@ -158,6 +158,10 @@ class PESTrainer(OuterTrainer):
 
     # -- the estimator and the outer step -----------------------------------------------------------
 
+    def score(self, L: Tensor) -> Tensor:
+        """The fitness used in ĝ from the truncation losses L [2, N]: L, or its centred ranks."""
+        return centred_ranks(L) if self.config.rank_shaping else L
+
     def estimate(self) -> tuple[Tensor, dict[str, Any]]:
         """One truncation of every particle; returns ĝ_k (PES, or truncated ES) and diagnostics.
         Runs that reach the horizon (or stop being finite) restart with ξ = 0."""
@@ -173,7 +177,7 @@ class PESTrainer(OuterTrainer):
         theta = self.theta
         theta_pm = torch.stack([theta + eps, theta - eps])
         L = self._unroll(theta_pm)
-        score = centred_ranks(L) if cfg.rank_shaping else L
+        score = self.score(L)
         ghat = ((score[0] - score[1]).unsqueeze(-1) * self.xi).sum(0) / (2 * N * cfg.sigma**2)
         self.t = self.t + cfg.truncation
         finite = torch.ones(N, dtype=torch.bool)
