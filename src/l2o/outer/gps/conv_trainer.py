@@ -246,12 +246,12 @@ class ConvSetting(Setting):
     def _initial_psi(self, std: float) -> LinearGaussianPolicy:
         return initial_psi(self.T, self.config.init_gain, std, self.D, self.init_index)
 
-    def _rollout(self, controller: Any, seed: int, horizon: int, coords: int, eval_every: int, curvature_every: int,
-                 record_states: bool = True) -> Rollout:
+    def _options(self, **kwargs: Any) -> dict[str, Any]:
+        """Keyword arguments of :func:`~l2o.outer.gps.conv_env.rollout`: ``kwargs`` plus this
+        setting's feature set and curvature measurement."""
         c = self.config
-        return rollout(self.task, controller, seed, horizon, coords, eval_every, curvature_every,
-                       record_states=record_states, features=self.features, curvature_along=c.curvature_along,
-                       curvature_batch=c.curvature_batch)
+        return {**kwargs, "features": self.features, "curvature_along": c.curvature_along,
+                "curvature_batch": c.curvature_batch}
 
     @property
     def pi_ready(self) -> bool:
@@ -264,9 +264,10 @@ class ConvSetting(Setting):
         """ψ₀ per group, its exploration std ``init_noise`` × the group's RMS step under ψ₀'s mean
         (a short probe rollout)."""
         c = self.config
-        probe = self._rollout(GroupLinearGaussianController(self.task, [self._initial_psi(1e-12)] * len(self.task.groups),
-                                                            noise=False),
-                              TRAIN_SEED_BASE - 1 - c.seed, min(self.T, 20), 1, eval_every=10 ** 6, curvature_every=10 ** 6)
+        probe = rollout(self.task, GroupLinearGaussianController(self.task, [self._initial_psi(1e-12)] * len(self.task.groups),
+                                                                 noise=False),
+                        TRAIN_SEED_BASE - 1 - c.seed, **self._options(horizon=min(self.T, 20), coords_per_group=1,
+                                                                      eval_every=10 ** 6, curvature_every=10 ** 6))
         units = []
         for g, r in zip(self.task.groups, probe.action_rms.nanmean(0)):
             psi = self._initial_psi(c.init_noise * float(r))
@@ -280,9 +281,9 @@ class ConvSetting(Setting):
         self.units = cd.units
         ctrl = GroupLinearGaussianController(self.task, [u.psi for u in cd.units])
         seeds = [TRAIN_SEED_BASE + c.seed * 10_000 + it * c.samples + m for m in range(c.samples)]
-        runs = self.map(partial(_rollout_seed, self.task, ctrl, dict(
-            horizon=T, coords_per_group=c.coords_per_group, eval_every=c.eval_every, curvature_every=c.curvature_every,
-            features=self.features, curvature_along=c.curvature_along, curvature_batch=c.curvature_batch), c.threads), seeds)
+        runs = self.map(partial(_rollout_seed, self.task, ctrl, self._options(
+            horizon=T, coords_per_group=c.coords_per_group, eval_every=c.eval_every, curvature_every=c.curvature_every),
+            c.threads), seeds)
         valid = [r for r in runs if not r.diverged]
         if len(valid) < c.min_valid:
             raise GPSIterationError(it, "sampling", f"{len(runs) - len(valid)} of {len(runs)} ψ trajectories diverged "
@@ -347,8 +348,10 @@ class ConvSetting(Setting):
     def evaluate(self, it: int) -> dict[str, Any]:
         """π's mean held-out AUC and final true loss (inf if a run diverged)."""
         c = self.config
-        runs = [self._rollout(LSTMController(self.net), EVAL_SEED_BASE + c.seed * 100 + k, self.T, 1, c.eval_every,
-                              10 ** 9, record_states=False) for k in range(c.eval_seeds)]
+        options = self._options(horizon=self.T, coords_per_group=1, eval_every=c.eval_every, curvature_every=10 ** 9,
+                                record_states=False)
+        runs = [rollout(self.task, LSTMController(self.net), EVAL_SEED_BASE + c.seed * 100 + k, **options)
+                for k in range(c.eval_seeds)]
         if any(r.diverged for r in runs):
             return {"pi_auc": math.inf, "pi_final": math.inf}
         return {"pi_auc": sum(r.auc() for r in runs) / len(runs),

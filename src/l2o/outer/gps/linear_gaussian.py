@@ -274,6 +274,23 @@ class StateDistribution(NamedTuple):
     xu_cov: Tensor  # [T, D + d, D + d]
 
 
+def check_sizes(policy: LinearGaussianPolicy, dynamics: LinearGaussianDynamics) -> None:
+    """ψ and p̃ must agree on T (p̃ has T − 1 transitions), the state and the action sizes."""
+    if dynamics.horizon != policy.T:
+        raise ValueError(f"dynamics has {dynamics.horizon - 1} transitions, policy has T={policy.T} steps (need T−1)")
+    if dynamics.dim_s != policy.dim_s or dynamics.dim_a != policy.dim_a:
+        raise ValueError("policy and dynamics state/action sizes differ")
+
+
+def joint_moments(policy: LinearGaussianPolicy, t: int, mu: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of [s_t; a_t] for s_t ~ N(μ, Σ) and a_t ~ ψ_t(·|s_t)."""
+    K = policy.K[t]
+    SK = sigma @ K.T
+    xu_mean = torch.cat([mu, K @ mu + policy.k[t]])
+    xu_cov = torch.cat([torch.cat([sigma, SK], 1), torch.cat([SK.T, _sym(K @ SK + policy.cov[t])], 1)], 0)
+    return xu_mean, xu_cov
+
+
 def forward(
     policy: LinearGaussianPolicy,
     dynamics: LinearGaussianDynamics,
@@ -285,23 +302,14 @@ def forward(
     Joint of [s_t; a_t]: mean [μ_t; K_t μ_t + k_t], covariance [[Σ_t, Σ_t K_tᵀ], [K_t Σ_t,
     K_t Σ_t K_tᵀ + G_t]]; then μ_{t+1} = [A_t B_t] μ_xu + c_t, Σ_{t+1} = [A_t B_t] Σ_xu [A_t B_t]ᵀ + F_t.
     """
+    check_sizes(policy, dynamics)
     T, D = policy.T, policy.dim_s
-    if dynamics.horizon != T:
-        raise ValueError(f"dynamics has {dynamics.horizon - 1} transitions, policy has T={T} steps (need T−1)")
-    if dynamics.dim_s != D or dynamics.dim_a != policy.dim_a:
-        raise ValueError("policy and dynamics state/action sizes differ")
     mu = _as64(mu0, "mu0").reshape(D)
     sigma = _sym(_as64(sigma0, "sigma0").reshape(D, D))
     AB = dynamics.AB
     means, covs, xu_means, xu_covs = [], [], [], []
     for t in range(T):
-        K = policy.K[t]
-        a_mean = K @ mu + policy.k[t]
-        SK = sigma @ K.T
-        xu_mean = torch.cat([mu, a_mean])
-        xu_cov = torch.cat(
-            [torch.cat([sigma, SK], 1), torch.cat([SK.T, _sym(K @ SK + policy.cov[t])], 1)], 0
-        )
+        xu_mean, xu_cov = joint_moments(policy, t, mu, sigma)
         means.append(mu)
         covs.append(sigma)
         xu_means.append(xu_mean)

@@ -48,7 +48,7 @@ from .lqg import expected_cost, solve_trust_region
 
 __all__ = [
     "CHECKPOINT_NAME", "LOG_NAME", "BADMMConfig", "Condition", "GPSIterationError", "GPSLoop", "LocalProblem",
-    "Samples", "Setting", "Unit", "floor_noise", "first_nonfinite_t",
+    "Samples", "Setting", "Unit", "finite_or_none", "floor_noise", "first_nonfinite_t",
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -456,7 +456,7 @@ class GPSLoop:
             cd.pending = torch.tensor([model_old, model_new, b.cost], dtype=DTYPE)
             cd.epsilon = eps
             cond_recs.append({"psi_cost": b.cost, "psi_cost_predicted": model_new, "predicted_improvement":
-                              model_old - model_new, "epsilon": eps, "rho": _finite_or_none(rho),
+                              model_old - model_new, "epsilon": eps, "rho": finite_or_none(rho),
                               "psi_step_failures": sum(r["failed"] for r in steps[-1]), **b.info})
         # π-step on every unit's samples
         problems = [p for b in batches for p in b.problems]
@@ -501,7 +501,8 @@ class GPSLoop:
         return rec
 
 
-def _finite_or_none(x: float | None) -> float | None:
+def finite_or_none(x: float | Tensor | None) -> float | None:
+    """``x`` as a float, or None when it is None or not finite (for log records)."""
     if x is None:
         return None
     x = float(x)

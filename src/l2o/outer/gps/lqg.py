@@ -41,7 +41,9 @@ from .linear_gaussian import (
     StateDistribution,
     _as64,
     _sym,
+    check_sizes,
     forward,
+    joint_moments,
     kl_divergence,
 )
 
@@ -424,23 +426,14 @@ def _forward(policy: LinearGaussianPolicy, dynamics: LinearGaussianDynamics, mu0
     AB, st = _structure(dynamics)
     if all(x is None for x in st):
         return forward(policy, dynamics, mu0, sigma0)
+    check_sizes(policy, dynamics)
     T, D = policy.T, policy.dim_s
-    if dynamics.horizon != T:
-        raise ValueError(f"dynamics has {dynamics.horizon - 1} transitions, policy has T={T} steps (need T−1)")
-    if dynamics.dim_s != D or dynamics.dim_a != policy.dim_a:
-        raise ValueError("policy and dynamics state/action sizes differ")
     mu = _as64(mu0, "mu0").reshape(D)
     covs = torch.empty(T, D, D, dtype=DTYPE)  # Σ_t written in place (no stacking)
     sigma = _sym_into(_as64(sigma0, "sigma0").reshape(D, D), out=covs[0])
     means, xu_means, xu_covs = [], [], []
     for t in range(T):
-        K = policy.K[t]
-        a_mean = K @ mu + policy.k[t]
-        SK = sigma @ K.T
-        xu_mean = torch.cat([mu, a_mean])
-        xu_cov = torch.cat(
-            [torch.cat([sigma, SK], 1), torch.cat([SK.T, _sym(K @ SK + policy.cov[t])], 1)], 0
-        )
+        xu_mean, xu_cov = joint_moments(policy, t, mu, sigma)
         means.append(mu)
         if on_joint is not None:
             on_joint(t, xu_mean, xu_cov)

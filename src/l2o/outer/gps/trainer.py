@@ -12,7 +12,6 @@ action on a fixed seed per condition (common random numbers across iterations).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from .dynamics import GaussianPrior, GMMPrior, fit_dynamics, pooled_transitions
 from .env import Environment, LinearGaussianController, ModuleController, Trajectories
 from .linear_gaussian import DTYPE, LinearGaussianPolicy
 from .loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem, Samples
-from .loop import Setting, Unit, first_nonfinite_t
+from .loop import Setting, Unit, finite_or_none, first_nonfinite_t
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "ConditionSetting", "GPSConfig", "GPSIterationError", "GPSTrainer",
            "MultiConditionGPSTrainer"]
@@ -226,7 +225,7 @@ class ConditionSetting(Setting):
             ev = env.rollout(ModuleController(self.module, noise=False), c.eval_samples,
                              torch.Generator().manual_seed(c.seed + 2 + 1009 * i))
             div += ev.n_diverged
-            costs.append(_finite_or_none(ev.valid_only().total_costs().mean()) if ev.n_valid else None)
+            costs.append(finite_or_none(ev.valid_only().total_costs().mean()) if ev.n_valid else None)
         return {"pi_costs": costs, "diverged": div}
 
     def record(self, it: int, conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
@@ -273,11 +272,6 @@ def _sample_condition(job: tuple[Environment, LinearGaussianPolicy, int, Any, in
     torch.set_num_threads(threads)
     gen = restore_generator(state)
     return env.rollout(LinearGaussianController(psi, noise=True), n, gen), generator_state(gen)
-
-
-def _finite_or_none(x: float | Tensor) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 class MultiConditionGPSTrainer(GPSLoop):
