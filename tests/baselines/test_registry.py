@@ -105,6 +105,7 @@ def test_a_failing_plugin_is_reported_and_retried_not_remembered(monkeypatch):
     broken = EntryPoint("broken-opt", "l2o_no_such_module_xyz", registry.PLUGIN_GROUP)
     original = md.entry_points
     monkeypatch.setattr(md, "entry_points", lambda group=None: [broken] + list(original(group=group)))
+    monkeypatch.setattr(registry, "_plugins_scanned", False)  # as in a fresh process: the next lookup scans
     with pytest.warns(RuntimeWarning, match="broken-opt"):
         with pytest.raises(ValueError, match="broken-opt.*failed to import.*ModuleNotFoundError"):
             get_optimizer("broken-opt")

@@ -171,14 +171,20 @@ PLUGIN_GROUP = "l2o.optimizers"
 declared in its pyproject.toml; any installed package may add more)."""
 _plugins_loaded: set[str] = set()
 _plugin_errors: dict[str, str] = {}
+_plugins_scanned = False
 
 
 def _load_plugins() -> None:
     """Import every registered plugin module not imported yet. One that fails is warned about and
     kept in ``_plugin_errors`` (its optimizer's lookup names the failure), never marked loaded:
-    the next lookup tries it again."""
+    the next lookup tries it again. Once a scan has loaded them all, lookups skip the scan (it
+    reads every installed distribution's metadata: milliseconds per lookup)."""
+    global _plugins_scanned
+    if _plugins_scanned and not _plugin_errors:
+        return
     from importlib.metadata import entry_points
 
+    _plugins_scanned = True
     for ep in entry_points(group=PLUGIN_GROUP):
         if ep.value in _plugins_loaded:
             continue
