@@ -293,13 +293,21 @@ def _meta_train_mlp_lopt(args: argparse.Namespace) -> int:
     return cli_run(args)
 
 
+def _meta_train_psd_pes(args: argparse.Namespace) -> int:
+    """Meta-train PSD's LSTM with Persistent ES (l2o.outer), from a PSD checkpoint."""
+    from l2o.outer.meta_psd_pes import cli_run
+
+    return cli_run(args)
+
+
 META_TRAINERS = {"l2l": _meta_train_l2l, "psd": _meta_train_psd, "gps2016": _meta_train_gps2016,
-                 "mlp-lopt": _meta_train_mlp_lopt}
+                 "mlp-lopt": _meta_train_mlp_lopt, "psd-pes": _meta_train_psd_pes}
 """``l2o meta-train METHOD``: one entry per meta-trained optimizer."""
 
 
 META_TRAIN_FLAGS = {"l2l": {"episodes", "data_dir"}, "psd": {"iterations", "data_dir", "backend", "address", "jobs"},
-                    "gps2016": {"iterations", "backend", "address", "jobs"}, "mlp-lopt": {"iterations", "data_dir"}}
+                    "gps2016": {"iterations", "backend", "address", "jobs"}, "mlp-lopt": {"iterations", "data_dir"},
+                    "psd-pes": {"iterations", "data_dir"}}
 """Which of the optional meta-train flags each method uses (any other given is an error)."""
 
 
@@ -399,13 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable; checkpoint after every episode)")
     mt.add_argument("method", choices=sorted(META_TRAINERS), help="l2l: Andrychowicz et al. 2016 (L2LBGDBGD); psd: Predicted Step Descent (Convolutional GPS); "
-                    "gps2016: Learning to Optimize (Li & Malik 2016) with GPS; mlp-lopt: per-coordinate MLP by Persistent ES")
+                    "gps2016: Learning to Optimize (Li & Malik 2016) with GPS; mlp-lopt: per-coordinate MLP by Persistent ES; "
+                    "psd-pes: PSD's LSTM by Persistent ES")
     mt.add_argument("--config", help="TOML/JSON file with the method's config fields, e.g. configs/l2l.toml")
     mt.add_argument("--out", help="output folder (default runs/meta-train-METHOD)")
     mt.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     mt.add_argument("--episodes", type=positive_int, help="l2l: override the config's number of episodes")
-    mt.add_argument("--iterations", type=positive_int, help="psd, gps2016: override the config's number of GPS iterations; mlp-lopt: of PES outer steps")
-    mt.add_argument("--data-dir", default=None, help="l2l, psd: dataset root (also env L2O_DATA_DIR)")
+    mt.add_argument("--iterations", type=positive_int, help="psd, gps2016: override the config's number of GPS iterations; mlp-lopt, psd-pes: of PES outer steps")
+    mt.add_argument("--data-dir", default=None, help="l2l, psd, mlp-lopt, psd-pes: dataset root (also env L2O_DATA_DIR)")
     mt.add_argument("--jobs", type=positive_int, default=None,
                     help="psd, gps2016 with --backend: trajectories in flight at once (default: all CPUs)")
     _add_backend(mt)

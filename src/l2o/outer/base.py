@@ -94,6 +94,21 @@ def _read_log(path: Path, steps: int) -> list[dict[str, Any]]:
     return lines[:steps]
 
 
+def config_resume_check(out: str | os.PathLike, config: Mapping[str, Any],
+                        may_change: frozenset[str] | set[str]) -> Callable[[Mapping[str, Any]], None]:
+    """A ``resume_check`` for :func:`run_outer`: rejects resuming ``out`` when a field of ``config``
+    (a dataclass as a dict) other than ``may_change`` differs from the checkpoint's ``meta['config']``."""
+
+    def check(saved: Mapping[str, Any]) -> None:
+        old = saved.get("config", {})
+        diff = sorted(k for k in config if k not in may_change and old.get(k) != config[k])
+        if diff:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in diff)
+            raise ValueError(f"cannot resume {out}: config differs from the checkpoint's ({detail})")
+
+    return check
+
+
 def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta: Mapping[str, Any],
               resume: bool = False, checkpoint_every: int = 1, stop_after: int | None = None,
               progress: bool = True, desc: str = "meta-train",

@@ -21,7 +21,7 @@ import torch
 from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.learned.mlp_lopt import (MLPLOptArch, flat_to_theta, init_theta, load_policy, save_policy,
                                   theta_to_flat)
-from l2o.outer.base import OuterRunResult, run_outer
+from l2o.outer.base import OuterRunResult, config_resume_check, run_outer
 from l2o.outer.lopt import MLPLOptMixture, MLPLOptProblem
 from l2o.outer.pes import PESConfig, PESTrainer, centred_ranks
 
@@ -217,14 +217,6 @@ def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: boo
         arch = config.arch
         meta = {"config": asdict(config), "arch": asdict(arch), "command": command, "torch": torch.__version__}
 
-        def check(saved: Mapping[str, Any]) -> None:
-            old = saved.get("config", {})
-            new = asdict(config)
-            diff = sorted(k for k in new if k not in _RESUME_MAY_CHANGE and old.get(k) != new[k])
-            if diff:
-                detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
-                raise ValueError(f"cannot resume {out}: config differs from the checkpoint's ({detail})")
-
         def export(tr: Any, step: int, log: list[dict[str, Any]], wall: float) -> None:
             tail = [r["meta_loss"] for r in log[-100:] if r.get("meta_loss") is not None]
             start = "the AdaGrad-equivalent θ₀" if config.init_from is None else f"the θ of {config.init_from}"
@@ -237,7 +229,8 @@ def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: boo
 
         return run_outer(trainer, out, config.steps, meta=meta, resume=resume, checkpoint_every=config.checkpoint_every,
                          stop_after=stop_after, progress=progress, desc="meta-train mlp-lopt (PES)",
-                         on_checkpoint=export, resume_check=check)
+                         on_checkpoint=export,
+                         resume_check=config_resume_check(out, asdict(config), _RESUME_MAY_CHANGE))
     finally:
         torch.set_num_threads(threads)
 

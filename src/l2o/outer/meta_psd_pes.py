@@ -1,0 +1,211 @@
+"""``l2o meta-train psd-pes``: Persistent ES on PSD's LSTM over MNIST MLP optimizees (issue 12's
+"PES × PSD-LSTM" cell).
+
+Starts from the ω of a PSD policy checkpoint (``init_from``; ``"default"`` = the packaged
+``psd.safetensors``), whose feature set (``paper2017`` or ``scale-free``) and frozen entries (input
+normalisation, output scale, and any of W_ih, W_hh, b, W_out, b_out not listed in ``train``) it
+keeps; θ = the ``train`` entries of ω, flattened. Runs :class:`l2o.outer.pes.PESTrainer` on
+:class:`l2o.outer.psd_problem.PSDProblem` for ``steps`` outer steps, checkpoints into
+OUT/checkpoint.safetensors (exact resume; the starting checkpoint's SHA-256 is recorded and checked
+on resume), logs one line per outer step to OUT/log.jsonl and exports the current ω at every
+checkpoint as OUT/psd-pes.safetensors (+ .json) in PSD's checkpoint format:
+``l2o benchmark --optimizers psd:checkpoint=OUT/psd-pes.safetensors`` runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2o.config import check_field_types, check_keys, read_config_file
+from l2o.learned.psd import DEFAULT_CHECKPOINT, TRAINED_KEYS, load_policy, save_policy
+from l2o.outer.base import OuterRunResult, config_resume_check, run_outer
+from l2o.outer.pes import PESConfig, PESTrainer
+from l2o.outer.psd_problem import PSDProblem
+
+TRAIN_KIND = "l2o-meta-psd-pes-train"
+POLICY_NAME = "psd-pes.safetensors"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_RESUME_MAY_CHANGE = frozenset({"steps", "data_dir", "checkpoint_every"})
+
+
+@dataclass(frozen=True)
+class MetaPSDPESConfig:
+    """What to meta-train (``configs/psd-pes.toml``).
+
+    ``task``: one mini-batch MNIST MLP spec. ``init_from``: the starting PSD policy checkpoint
+    (``"default"`` = the packaged weights). ``train``: which of ω's entries θ holds (a list from
+    W_ih, W_hh, b, W_out, b_out; default all five). PES: ``n_pairs`` N, ``sigma`` σ, ``truncation``
+    W, ``horizon`` T, ``persistent``, ``stagger``, ``rank_shaping``, ``meta_lr`` (Adam on θ),
+    ``loss_clip`` (0 = off). Budget: ``steps`` outer steps; ``checkpoint_every``; ``seed`` seeds
+    every draw (optimizee seeds ≥ 10⁶, mini-batches, perturbations).
+    """
+
+    task: str = "mnist:48-48:b64"
+    init_from: str = "default"
+    train: list[str] | None = None
+    n_pairs: int = 8
+    sigma: float = 0.01
+    truncation: int = 20
+    horizon: int = 400
+    persistent: bool = True
+    stagger: bool = True
+    rank_shaping: bool = False
+    meta_lr: float = 1e-4
+    loss_clip: float = 10.0
+    steps: int = 500
+    checkpoint_every: int = 10
+    seed: int = 0
+    dtype: str = "float32"
+    threads: int = 1
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "psd-pes")
+        for name in ("steps", "checkpoint_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"psd-pes config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"psd-pes config: seed must be >= 0, got {self.seed}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"psd-pes config: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.train is not None:
+            if (not isinstance(self.train, list) or not self.train or len(set(self.train)) != len(self.train)
+                    or any(k not in TRAINED_KEYS for k in self.train)):
+                raise ValueError(f"psd-pes config: train must be a non-empty list of distinct names from "
+                                 f"{list(TRAINED_KEYS)}, got {self.train!r}")
+        from l2o.tasks.registry import MLPTaskSpec, parse_task
+
+        try:
+            spec = parse_task(self.task)
+        except ValueError as e:
+            raise ValueError(f"psd-pes config: task: {e}") from e
+        if not isinstance(spec, MLPTaskSpec) or spec.dataset != "mnist" or spec.batch_size is None:
+            raise ValueError(f"psd-pes config: task {self.task!r} is not a mini-batch MNIST MLP task "
+                             "(DATASET:IN-HIDDEN:bBATCH with DATASET = mnist); meta-training uses MNIST only")
+        try:
+            self.pes  # noqa: B018 - validates the PES fields
+        except ValueError as e:
+            raise ValueError(f"psd-pes config: {e}") from e
+
+    @property
+    def train_keys(self) -> tuple[str, ...]:
+        return tuple(self.train) if self.train is not None else TRAINED_KEYS
+
+    @property
+    def init_path(self) -> Path:
+        return DEFAULT_CHECKPOINT if self.init_from == "default" else Path(self.init_from)
+
+    @property
+    def pes(self) -> PESConfig:
+        return PESConfig(n_pairs=self.n_pairs, sigma=self.sigma, truncation=self.truncation, horizon=self.horizon,
+                         persistent=self.persistent, stagger=self.stagger, rank_shaping=self.rank_shaping,
+                         meta_lr=self.meta_lr, loss_clip=self.loss_clip)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MetaPSDPESConfig:
+        """Build from a mapping (e.g. parsed TOML), rejecting unknown keys by name."""
+        check_keys(cls, dict(d), "psd-pes")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> MetaPSDPESConfig:
+        return cls.from_dict(read_config_file(path, overrides))
+
+
+class _Trainer(PESTrainer):
+    kind = TRAIN_KIND
+
+
+def load_init(config: MetaPSDPESConfig) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The starting ω, its feature set's name and the checkpoint file's SHA-256."""
+    path = config.init_path
+    if not path.is_file():
+        raise ValueError(f"psd-pes config: init_from {str(path)!r} is not a file (a PSD policy checkpoint, "
+                         "e.g. OUT/psd.safetensors of `l2o meta-train psd`, or \"default\")")
+    net, meta = load_policy(path)
+    features = meta.get("features", "paper2017")
+    if not isinstance(features, str):
+        raise ValueError(f"psd-pes: {path}: metadata 'features' must be a string, got {features!r}")
+    return net, features, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_problem(config: MetaPSDPESConfig, task: Any = None) -> PSDProblem:
+    """The inner problem for ``config``; ``task`` (a :class:`~l2o.tasks.base.Task`, e.g. in tests)
+    overrides ``config.task``."""
+    if task is None:
+        from l2o.tasks.registry import make_task
+
+        task = make_task(config.task, data_dir=config.data_dir)
+    net, features, _ = load_init(config)
+    return PSDProblem(task, net, features, config.train_keys, _DTYPES[config.dtype])
+
+
+def meta_train(config: MetaPSDPESConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+               stop_after: int | None = None, task: Any = None, command: str | None = None) -> OuterRunResult:
+    """Meta-train PSD's ω by PES; see the module docstring for the files written into ``out``."""
+    out = Path(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        problem = build_problem(config, task)
+        _, features, sha = load_init(config)
+        trainer = _Trainer(problem, config.pes, problem.theta0(), seed=config.seed)
+        cfg = asdict(config)
+        meta = {"config": cfg, "init_sha256": sha, "features": features, "dim": problem.dim,
+                "command": command, "torch": torch.__version__}
+        check_config = config_resume_check(out, cfg, _RESUME_MAY_CHANGE)
+
+        def check(saved: Mapping[str, Any]) -> None:
+            check_config(saved)
+            if saved.get("init_sha256") != sha:
+                raise ValueError(f"cannot resume {out}: init_from {config.init_path} is not the file the run started "
+                                 f"from (SHA-256 {sha[:12]}…, the checkpoint's {str(saved.get('init_sha256'))[:12]}…)")
+
+        def export(tr: Any, step: int, log: list[dict[str, Any]], wall: float) -> None:
+            tail = [r["meta_loss"] for r in log[-100:] if r.get("meta_loss") is not None]
+            info = {"features": features,
+                    "method": f"PSD's LSTM meta-trained by Persistent ES (Vicol et al. 2021) from {config.init_path}",
+                    "training": {"outer_steps": step, "wall_s": round(wall, 2), "config": cfg, "command": command,
+                                 "init_sha256": sha, "trained": list(problem.train_keys), "dim": problem.dim,
+                                 "meta_loss_mean_last100": sum(tail) / len(tail) if tail else None,
+                                 "meta_loss_definition": "mean mini-batch loss f̂(x_t) over a truncation of W steps, "
+                                                         "averaged over the 2N branches", "torch": torch.__version__}}
+            save_policy(out / POLICY_NAME, problem.net(tr.theta.to(problem.dtype)), info)
+
+        return run_outer(trainer, out, config.steps, meta=meta, resume=resume, checkpoint_every=config.checkpoint_every,
+                         stop_after=stop_after, progress=progress, desc="meta-train psd-pes (PES)",
+                         on_checkpoint=export, resume_check=check)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cli_run(args: Any) -> int:
+    """``l2o meta-train psd-pes --config FILE --out DIR [--iterations N] [--data-dir DIR] [--resume]``
+    (``--iterations`` overrides the config's outer-step budget ``steps``)."""
+    import shlex
+
+    overrides = {"data_dir": args.data_dir, "steps": args.iterations}
+    if args.config:
+        config = MetaPSDPESConfig.from_file(Path(args.config), **overrides)
+    else:
+        config = MetaPSDPESConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out or "runs/meta-train-psd-pes")
+    words = ["l2o", "meta-train", "psd-pes"] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
+    if args.iterations is not None:
+        words += ["--iterations", str(args.iterations)]
+    if args.data_dir:
+        words += ["--data-dir", args.data_dir]
+    result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
+    tail = [r["meta_loss"] for r in result.log[-100:] if r.get("meta_loss") is not None]
+    print(f"outer steps: {result.steps}  wall: {result.wall_s:.1f} s  "
+          f"meta-loss (mean of last {len(tail)}): {sum(tail) / max(1, len(tail)):.4f}")
+    for name, path in (("checkpoint", result.checkpoint), ("weights", out / POLICY_NAME), ("log", result.log_file)):
+        print(f"{name}: {path}")
+    return 0
