@@ -4,7 +4,6 @@ folder of a benchmark is locked and bound to one configuration."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

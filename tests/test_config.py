@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from l2o.config import check_field_types, check_keys, read_config_file
+from l2o.config import Config, check_field_types, check_keys, read_config_file
 from l2o.outer.meta_l2l import MetaL2LConfig
 from l2o.outer.gps.conv_trainer import ConvGPSConfig
 
@@ -51,3 +51,28 @@ def test_meta_training_configs_reject_wrong_types():
         MetaL2LConfig(episodes=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="data_dir"):
         ConvGPSConfig(data_dir=5)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Validated(Config):
+    n: int = 1
+    lr: float = 0.1
+    mode: str = "a"
+
+    _label = "validated"
+
+    def __post_init__(self) -> None:
+        self.require(ge1=("n",), gt0=("lr",), choices={"mode": ("a", "b")})
+
+
+@pytest.mark.parametrize(("field", "value"), [("n", 0), ("lr", 0.0), ("mode", "c")])
+def test_config_require_names_the_config_and_the_field(field, value):
+    with pytest.raises(ValueError, match=f"validated config: {field} must be"):
+        Validated(**{field: value})
+
+
+def test_config_from_dict_to_dict_and_unknown_keys():
+    cfg = Validated.from_dict({"n": 3, "mode": "b"})
+    assert Validated.from_dict(cfg.to_dict()) == cfg and cfg.to_dict() == {"n": 3, "lr": 0.1, "mode": "b"}
+    with pytest.raises(ValueError, match=r"unknown validated config key\(s\) \['typo'\]"):
+        Validated.from_dict({"typo": 1})

@@ -1,11 +1,14 @@
-"""Config plumbing shared by every dataclass config: unknown keys are errors that name them."""
+"""Config plumbing shared by every dataclass config: unknown keys and bad values are errors that name
+them (:class:`Config` is the base that bundles it)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="Config")
 
 
 def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
@@ -68,3 +71,39 @@ def read_config_file(path: str | os.PathLike, overrides: dict[str, Any] | None =
         raise ValueError(f"config {path} must hold a table of fields, got {type(d).__name__}")
     d.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return d
+
+
+class Config:
+    """Base of a frozen dataclass config: ``from_dict`` / ``from_file`` reject unknown keys by name,
+    ``to_dict`` is its JSON form, and :meth:`check` / :meth:`require` raise ``ValueError`` naming the
+    config (``_label``) and the field; subclasses validate in ``__post_init__``."""
+
+    _label = "config"
+
+    def check(self, ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"{self._label} config: {msg}")
+
+    def require(self, ge0: tuple[str, ...] = (), ge1: tuple[str, ...] = (), gt0: tuple[str, ...] = (),
+                choices: dict[str, tuple[str, ...]] | None = None) -> None:
+        """Each named field ≥ 0, ≥ 1 or > 0, or one of its allowed values."""
+        for names, ok, what in ((ge0, lambda v: v >= 0, ">= 0"), (ge1, lambda v: v >= 1, ">= 1"),
+                                (gt0, lambda v: v > 0, "> 0")):
+            for n in names:
+                self.check(ok(getattr(self, n)), f"{n} must be {what}, got {getattr(self, n)!r}")
+        for n, allowed in (choices or {}).items():
+            self.check(getattr(self, n) in allowed, f"{n} must be one of {allowed}, got {getattr(self, n)!r}")
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        """Build from a mapping (e.g. parsed TOML), rejecting unknown keys by name."""
+        check_keys(cls, dict(d), cls._label)
+        return cls(**dict(d))
+
+    @classmethod
+    def from_file(cls: type[C], path: str | os.PathLike, **overrides: Any) -> C:
+        """A TOML (or JSON) file; ``overrides`` that are not None replace its values."""
+        return cls.from_dict(read_config_file(path, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]

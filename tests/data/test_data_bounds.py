@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import pickle
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -106,3 +106,11 @@ def test_feature_sets_are_found_by_name_and_describe_themselves():
     assert get_feature_set("paper2017").state_dim == 77
     with pytest.raises(ValueError, match="unknown feature set"):
         get_feature_set("nope")
+
+
+def test_state_index_names_a_feature_or_defaults_to_the_gradient():
+    feats = get_feature_set("scale-free")
+    assert feats.state_index("adagrad") == STATE_INDEX["adagrad"]
+    assert feats.state_index(None) == feats.state_index("") == feats.grad_feature
+    with pytest.raises(ValueError, match="'adagard' is not a state feature of 'scale-free'"):
+        feats.state_index("adagard")

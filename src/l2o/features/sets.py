@@ -31,6 +31,14 @@ class FeatureSet(ABC):
     state_names: tuple[str, ...] = ()
     obs_names: tuple[str, ...] = ()
 
+    def state_index(self, name: str | None) -> int:
+        """Index in s_t of the state feature ``name`` (the gradient feature when None or empty)."""
+        if not name:
+            return self.grad_feature
+        if name not in self.state_names:
+            raise ValueError(f"{name!r} is not a state feature of {self.name!r}; known: {list(self.state_names)}")
+        return self.state_names.index(name)
+
     @abstractmethod
     def init(self, n: int, horizon: int, dtype: torch.dtype = torch.float32) -> Memory:
         """The memory before step 0 for ``n`` coordinates (``horizon``: at most that many steps)."""

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
-from l2o.config import check_field_types, read_config_file
+from l2o.config import Config, check_field_types
 from l2o.learned.l2l import NET_KEYS, TRAIN_KIND, Hidden, check_net, init_hidden, init_net, save_policy, step
 from l2o.tasks.base import Task, flatten, unflatten
 
@@ -46,7 +46,7 @@ _RESUME_MAY_CHANGE = frozenset({"episodes", "data_dir"})
 
 
 @dataclass(frozen=True)
-class MetaL2LConfig:
+class MetaL2LConfig(Config):
     """What to meta-train (Andrychowicz et al. 2016 defaults; ``configs/l2l.toml``).
 
     ``horizon`` T steps per episode in unrolls of ``unroll`` steps; ``meta_lr`` is Adam's step size
@@ -69,36 +69,13 @@ class MetaL2LConfig:
     threads: int = 1
     data_dir: str | None = None
 
+    _label = "l2l"
+
     def __post_init__(self) -> None:
-        check_field_types(self, "l2l")
-        for name in ("horizon", "unroll", "episodes", "hidden_size", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"l2l config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("meta_lr", "output_scale", "preprocess_p"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"l2l config: {name} must be > 0, got {getattr(self, name)}")
-        if self.clip_grad_norm < 0:
-            raise ValueError(f"l2l config: clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
-        if self.seed < 0:
-            raise ValueError(f"l2l config: seed must be >= 0, got {self.seed}")
-        if self.horizon % self.unroll:
-            raise ValueError(f"l2l config: horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"l2l config: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MetaL2LConfig:
-        """Build from a mapping (e.g. parsed TOML), rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown l2l config key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**dict(d))
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> MetaL2LConfig:
-        """Read a TOML (or JSON) config file; ``overrides`` that are not None replace its values."""
-        return cls.from_dict(read_config_file(path, overrides))
+        check_field_types(self, self._label)
+        self.require(ge1=("horizon", "unroll", "episodes", "hidden_size", "threads"), ge0=("seed", "clip_grad_norm"),
+                     gt0=("meta_lr", "output_scale", "preprocess_p"), choices={"dtype": tuple(sorted(_DTYPES))})
+        self.check(self.horizon % self.unroll == 0, f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
 
     @property
     def torch_dtype(self) -> torch.dtype:

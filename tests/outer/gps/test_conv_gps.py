@@ -25,10 +25,9 @@ from l2o.outer.gps.conv_trainer import (
     POLICY_NAME,
     ConvGPSConfig,
     ConvGPSTrainer,
-    gradient_shrinkage,
     initial_psi,
-    telescoped_cost,
 )
+from l2o.outer.gps.conv_cost import gradient_shrinkage, telescoped_cost
 from l2o.learned import psd
 from l2o.tasks.base import Group, Task
 from tests.conftest import tiny_mlp_task
@@ -262,3 +261,9 @@ def test_curvature_on_an_independent_batch_is_that_batchs_hessian_along_the_step
     assert not torch.allclose(indep.curvature, same.curvature)
     with pytest.raises(ValueError, match="curvature_batch"):
         ConvGPSConfig(curvature_batch="other")
+
+
+def test_an_unknown_initial_direction_is_named(tmp_path):
+    cfg = ConvGPSConfig(horizon=4, iterations=1, samples=2, coords_per_group=2, init_direction="adagard")
+    with pytest.raises(ValueError, match="init_direction: 'adagard' is not a state feature"):
+        ConvGPSTrainer(cfg, tmp_path / "run", task=tiny_mlp_task(), progress=False)

@@ -41,7 +41,7 @@ from .env import (
     Trajectories,
     as_controller,
 )
-from .errors import GPSError, NotPositiveDefiniteError, TrustRegionError
+from .errors import GPSError, GPSIterationError, NotPositiveDefiniteError, TrustRegionError
 from .linear_gaussian import (
     LinearGaussianDynamics,
     LinearGaussianPolicy,
@@ -61,7 +61,7 @@ from .lqg import (
     solve_trust_region,
 )
 
-from .trainer import GPSConfig, GPSIterationError, GPSTrainer, MultiConditionGPSTrainer
+from .trainer import GPSConfig, GPSTrainer, MultiConditionGPSTrainer
 
 __all__ = [
     "QuadraticCost",

@@ -8,7 +8,7 @@ fitting, every trajectory records a fixed random subsample of ``coords_per_group
 each group (the coordinates of a group are exchangeable samples of one per-group problem, so a
 subsample estimates the same per-group statistics at a fraction of the memory).
 
-Each rollout also records, for the telescoped cost model of :mod:`l2o.outer.gps.conv_trainer`:
+Each rollout also records, for the telescoped cost model of :mod:`l2o.outer.gps.conv_cost`:
 * the true objective f(x_t) every ``eval_every`` steps (and at t = T), for the costs ψ and π
   actually incur;
 * per group g, the effective curvature along the step taken, h_{g,t} = a_gᵀ(∇²f̂ a)_g / a_gᵀa_g,
@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from l2o.features.sets import FeatureSet, Paper2017Features
 from l2o.tasks.base import Task, flatten, unflatten
+
+from .linear_gaussian import DTYPE
 
 GRAD_FEATURE = Paper2017Features().grad_feature
 """Index in s_t^j of Φ2_0 = ḡ_t/(|ḡ_{max(t−5, t mod 5)}| + 1), the state's current-gradient feature
@@ -216,6 +218,13 @@ def rollout(
                    (xs, gs, fs) if return_history else None)
 
 
+def seeded_rollout(task: Task, controller: Controller, kwargs: dict[str, Any], threads: int, seed: int) -> Rollout:
+    """One trajectory of ``task`` under ``controller`` from ``seed`` (a picklable, deterministic job
+    for executors; the thread count is pinned so that every backend computes the same)."""
+    torch.set_num_threads(threads)
+    return rollout(task, controller, seed, **kwargs)
+
+
 class GroupLinearGaussianController:
     """ψ for every group: a_t^j = K_t^g s_t^j + k_t^g (+ N(0, G_t^g) noise), one time-varying
     linear-Gaussian policy per coordinate group shared by the group's coordinates."""
@@ -264,3 +273,12 @@ class LSTMController:
     def act(self, t: int, states: Tensor | None, observations: Tensor, generator: torch.Generator) -> Tensor:
         a, self.hidden = self._psd.step(self.net, self.hidden, observations.to(self.net["W_hh"].dtype))
         return a
+
+
+def group_samples(samples: list[Rollout], group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack the group's recorded coordinates of all trajectories as samples: states [N, T, 77],
+    actions [N, T, 1] (float64) and observations [N, T, 3] (float32), N = M·S."""
+    S = torch.cat([r.states[group].transpose(0, 1) for r in samples]).to(DTYPE)
+    A = torch.cat([r.actions[group].transpose(0, 1) for r in samples]).to(DTYPE).unsqueeze(-1)
+    O = torch.cat([r.observations[group].transpose(0, 1) for r in samples]).to(torch.float32)
+    return S, A, O

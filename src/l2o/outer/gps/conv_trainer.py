@@ -9,16 +9,6 @@ observations Ψ are the samples of the group's problem. π, one LSTM μ^π(Ψ) s
 time. Dynamics, cost model (below), ψ-step, π-step, duals and schedules form the one GPS iteration
 of :mod:`l2o.outer.gps.loop`; this module is its :class:`ConvSetting` and front end :class:`ConvGPSTrainer`.
 
-The cost model (gps.md §5, option (a), our CHOICE). The cost of a trajectory is Σ_t f(x_t), which
-telescopes into T f(x_0) + Σ_t w_t [f(x_{t+1}) − f(x_t)] with w_t = T − 1 − t. To second order
-each increment is Σ_j ∇_j f a_j + ½ aᵀ∇²f a. We read ∇_j f from the state's gradient feature
-Φ2_0 = ḡ_t/(|ḡ_{t−5}|+1) (≈ the three-step average gradient when |ḡ| ≪ 1, as for these nets) and
-split the curvature term over groups as ½ Σ_g h_{g,t}|a_g|², with h_{g,t} the measured effective
-curvature along ψ's steps (exact for the step taken). So the per-coordinate cost is
-c̃_{g,t}(s, a) = w_t (Φ2_0 a + ½ h_{g,t} a²): a bilinear state–action term and an action
-curvature, both identical for all coordinates of the group — block-diagonal and shared, as §3.5
-requires — and summed over coordinates it is the model of the whole trajectory's cost.
-
 All randomness derives from (seed, iteration): a run resumed after a kill reproduces the
 uninterrupted run exactly.
 """
@@ -39,20 +29,19 @@ from torch import Tensor
 from l2o.features.conv2017 import STATE_DIM
 from l2o.features.sets import FeatureSet, get_feature_set
 from l2o.outer.gps.badmm import pi_covariance
-from l2o.outer.gps.conv_env import GRAD_FEATURE, GroupLinearGaussianController, LSTMController, Rollout, rollout
-from l2o.outer.gps.cost import QuadraticCost
+from l2o.outer.gps.conv_cost import curvature_profile, gradient_shrinkage, telescoped_cost
+from l2o.outer.gps.conv_env import GRAD_FEATURE, GroupLinearGaussianController, LSTMController, group_samples, rollout
+from l2o.outer.gps.conv_env import seeded_rollout
 from l2o.outer.gps.dynamics import fit_dynamics
-from l2o.outer.gps.errors import GPSError
 from l2o.outer.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
-from l2o.outer.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem
-from l2o.outer.gps.loop import Samples, Setting, Unit, floor_noise
-from l2o.config import read_config_file
+from l2o.outer.gps.errors import GPSIterationError
+from l2o.outer.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSLoop, LocalProblem, Samples, Setting
+from l2o.outer.gps.loop import Unit
 from l2o.execution import Executor
 from l2o.learned import psd
 from l2o.tasks.base import Task
 
-__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "POLICY_NAME", "ConvGPSConfig", "ConvGPSTrainer", "ConvSetting",
-           "floor_noise", "gradient_shrinkage", "initial_psi", "telescoped_cost"]
+__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "POLICY_NAME", "ConvGPSConfig", "ConvGPSTrainer", "ConvSetting", "initial_psi"]
 
 POLICY_NAME = "psd.safetensors"
 TRAIN_SEED_BASE = 100_000
@@ -109,89 +98,15 @@ class ConvGPSConfig(BADMMConfig):
                      choices={"curvature_batch": ("same", "independent"), "curvature_along": ("step", "mean")})
         self.check(self.horizon >= 2, "horizon must be >= 2")
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> ConvGPSConfig:
-        """A TOML (or JSON) file; ``overrides`` that are not None replace its values."""
-        return cls.from_dict(read_config_file(path, overrides))
-
 
 # --------------------------------------------------------------------------- pure pieces
 def initial_psi(T: int, gain: float, std: float, state_dim: int = STATE_DIM,
                 index: int = GRAD_FEATURE) -> LinearGaussianPolicy:
     """ψ₀: a_t = −gain·s_t[index] + N(0, std²) for every t (by default gradient descent on the
     paper state's gradient feature Φ2_0)."""
-    K = torch.zeros(T, 1, state_dim, dtype=DTYPE)
-    K[:, 0, index] = -float(gain)
-    return LinearGaussianPolicy(K, torch.zeros(T, 1, dtype=DTYPE), torch.full((T, 1, 1), float(std) ** 2, dtype=DTYPE))
-
-
-def telescoped_cost(curvature: Tensor, horizon: int, rho: Tensor | None = None, state_dim: int = STATE_DIM,
-                    grad_feature: int = GRAD_FEATURE) -> QuadraticCost:
-    """c̃_t(s, a) = w_t (ρ_t Φ2_0·a + ½ h_t a²), w_t = T − 1 − t, over xu = [s (D); a (1)], with
-    Φ2_0 = s[grad_feature] (D = 77 and Φ2_0 for the paper's state).
-
-    ``curvature`` [T] is the group's h_t (> 0); ``rho`` [T] (default 1) the regression coefficient
-    of the true gradient on Φ2_0. See the module docstring for the derivation.
-    """
-    T = int(horizon)
-    h = torch.as_tensor(curvature, dtype=DTYPE)
-    if h.shape != (T,) or not bool((h > 0).all()):
-        raise ValueError(f"curvature must be [T] = [{T}] and positive")
-    r = torch.ones(T, dtype=DTYPE) if rho is None else torch.as_tensor(rho, dtype=DTYPE)
-    if r.shape != (T,) or not bool(torch.isfinite(r).all()):
-        raise ValueError(f"rho must be [T] = [{T}] and finite")
-    D = int(state_dim)
-    m = D + 1
-    w = (T - 1 - torch.arange(T, dtype=DTYPE))
-    C = torch.zeros(T, m, m, dtype=DTYPE)
-    C[:, grad_feature, D] = w * r  # ½ xuᵀCxu holds w·ρ·Φ2_0·a through both off-diagonal entries
-    C[:, D, grad_feature] = w * r
-    C[:, D, D] = w * h
-    return QuadraticCost(C, torch.zeros(T, m, dtype=DTYPE), torch.zeros(T, dtype=DTYPE), D)
-
-
-def curvature_profile(samples: list[Rollout], group: int, horizon: int, floor: float) -> Tensor:
-    """h_{g,t} for t = 0..T−1: the mean over trajectories of the measured effective curvatures,
-    linearly interpolated between measured steps, floored at ``floor`` × their mean magnitude."""
-    steps = samples[0].curvature_steps.to(DTYPE)
-    vals = torch.stack([r.curvature[:, group] for r in samples]).nanmean(0)
-    ok = torch.isfinite(vals)
-    if not bool(ok.any()):
-        raise GPSError(f"group {group}: no finite curvature measurement")
-    steps, vals = steps[ok], vals[ok]
-    lo = floor * float(vals.abs().mean())
-    return _interpolate(steps, vals, horizon).clamp(min=max(lo, 1e-12))
-
-
-def _interpolate(steps: Tensor, vals: Tensor, horizon: int) -> Tensor:
-    t = torch.arange(horizon, dtype=DTYPE)
-    if len(steps) == 1:
-        return vals.expand(horizon).clone()
-    idx = torch.searchsorted(steps, t).clamp(1, len(steps) - 1)
-    t0, t1, v0, v1 = steps[idx - 1], steps[idx], vals[idx - 1], vals[idx]
-    return v0 + ((t - t0) / (t1 - t0)).clamp(0, 1) * (v1 - v0)
-
-
-def gradient_shrinkage(samples: list[Rollout], group: int, horizon: int) -> Tensor:
-    """ρ_{g,t} = Σ_j ∇_j f Φ2_0^j / Σ_j (Φ2_0^j)², pooled over trajectories and the group's
-    coordinates: the least-squares coefficient of the true gradient on the state's (noisy,
-    mini-batch) gradient feature, interpolated over t and clipped to [0, 1]. Without it the cost
-    model would credit ψ with the mini-batch noise in Φ2_0 as if it were descent."""
-    steps = samples[0].eval_steps.to(DTYPE)
-    mom = torch.stack([r.grad_moments[:, group] for r in samples]).nansum(0)  # [E, 2]
-    ok = (mom[:, 1] > 0) & (steps < horizon)
-    if not bool(ok.any()):
-        raise GPSError(f"group {group}: no gradient-feature moments recorded")
-    return _interpolate(steps[ok], (mom[ok, 0] / mom[ok, 1]).clamp(0.0, 1.0), horizon)
-
-
-def group_samples(samples: list[Rollout], group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack the group's recorded coordinates of all trajectories as samples: states [N, T, 77],
-    actions [N, T, 1] (float64) and observations [N, T, 3] (float32), N = M·S."""
-    S = torch.cat([r.states[group].transpose(0, 1) for r in samples]).to(DTYPE)
-    A = torch.cat([r.actions[group].transpose(0, 1) for r in samples]).to(DTYPE).unsqueeze(-1)
-    O = torch.cat([r.observations[group].transpose(0, 1) for r in samples]).to(torch.float32)
-    return S, A, O
+    K = torch.zeros(1, state_dim, dtype=DTYPE)
+    K[0, index] = -float(gain)
+    return LinearGaussianPolicy.from_gain(K, cov=float(std) ** 2, T=T)
 
 
 def pi_means(net: dict[str, Tensor], obs: Tensor, chunk: int = 2048) -> Tensor:
@@ -202,13 +117,6 @@ def pi_means(net: dict[str, Tensor], obs: Tensor, chunk: int = 2048) -> Tensor:
             a, _ = psd.run_sequence(net, obs[i:i + chunk].transpose(0, 1))
             out.append(a.T)
     return torch.cat(out).to(DTYPE).unsqueeze(-1)
-
-
-def _rollout_seed(task: Task, controller: Any, kwargs: dict[str, Any], threads: int, seed: int) -> Rollout:
-    """One trajectory of ``task`` under ``controller`` from ``seed`` (a picklable, deterministic job
-    for executors; the thread count is pinned so that every backend computes the same)."""
-    torch.set_num_threads(threads)
-    return rollout(task, controller, seed, **kwargs)
 
 
 # --------------------------------------------------------------------------- the setting
@@ -225,23 +133,15 @@ class ConvSetting(Setting):
         self.config, self.task, self.features, self.out = config, task, features, out
         self.progress, self.command = progress, command
         self.T, self.D, self.d = config.horizon, features.state_dim, 1
-        self.init_index = self._direction_index(config.init_direction)
+        try:
+            self.init_index = features.state_index(config.init_direction)
+        except ValueError as e:
+            raise ValueError(f"conv-GPS config: init_direction: {e}") from None
         self.net = psd.init_net(config.seed, input_size=features.obs_dim)
         self.normalised = False
         self.best_auc = math.inf
         self.wall = 0.0
         self.units: list[Unit] = []
-
-    def _direction_index(self, name: str | None) -> int:
-        """Index in s_t of ψ₀'s direction: ``name`` among the feature set's state names, or the
-        gradient feature when None."""
-        if not name:
-            return self.features.grad_feature
-        names = self.features.state_names
-        if name not in names:
-            raise ValueError(f"conv-GPS config: init_direction {name!r} is not a state feature of "
-                             f"{self.features.name!r}; known: {list(names)}")
-        return names.index(name)
 
     def _initial_psi(self, std: float) -> LinearGaussianPolicy:
         return initial_psi(self.T, self.config.init_gain, std, self.D, self.init_index)
@@ -281,7 +181,7 @@ class ConvSetting(Setting):
         self.units = cd.units
         ctrl = GroupLinearGaussianController(self.task, [u.psi for u in cd.units])
         seeds = [TRAIN_SEED_BASE + c.seed * 10_000 + it * c.samples + m for m in range(c.samples)]
-        runs = self.map(partial(_rollout_seed, self.task, ctrl, self._options(
+        runs = self.map(partial(seeded_rollout, self.task, ctrl, self._options(
             horizon=T, coords_per_group=c.coords_per_group, eval_every=c.eval_every, curvature_every=c.curvature_every),
             c.threads), seeds)
         valid = [r for r in runs if not r.diverged]

@@ -32,3 +32,13 @@ class TrustRegionError(GPSError):
         self.group = group
         self.t = t
         super().__init__(message)
+
+
+class GPSIterationError(GPSError):
+    """A GPS iteration failed (sampling, a fit, the LQG or the π-step); names the iteration,
+    the stage and, where known, the time step t."""
+
+    def __init__(self, iteration: int, stage: str, message: str, t: int | None = None) -> None:
+        self.iteration, self.stage, self.t = iteration, stage, t
+        where = f"GPS iteration {iteration}, {stage}" + (f", t={t}" if t is not None else "")
+        super().__init__(f"{where}: {message}")

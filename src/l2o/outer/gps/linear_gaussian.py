@@ -30,6 +30,7 @@ __all__ = [
     "forward",
     "kl_divergence",
     "fit_linear_gaussian_policy",
+    "floor_noise",
 ]
 
 
@@ -391,3 +392,18 @@ def fit_linear_gaussian_policy(
         if cov.ndim == 2:
             cov = cov.expand(T, d, d).clone()
     return LinearGaussianPolicy(K, k, _sym(cov))
+
+
+def floor_noise(psi: LinearGaussianPolicy, states: Tensor, ratio: float) -> LinearGaussianPolicy:
+    """ψ with covariance G_t ≥ (ratio · RMS_t μ^ψ)², the RMS over the sampled states [N, T, D].
+
+    Why: the LQG's covariance is (η + ν)·Q_uu⁻¹, which collapses as η → 0 when the cost's curvature
+    is large in its own units; the next KL trust region, measured against that collapsed ψ, then
+    allows only a vanishing change of the mean, and GPS stalls far from the optimum (the
+    known-optimum test on separable quadratics showed this). Keeping the exploration a fixed
+    fraction of the step lets every iteration move the gains by a bounded relative amount."""
+    if ratio <= 0:
+        return psi
+    rms = psi.mean(states).square().mean(dim=(0, 2)).sqrt()  # [T]
+    floor = (ratio * rms).square().view(-1, 1, 1) * torch.eye(psi.cov.shape[-1], dtype=psi.cov.dtype)
+    return LinearGaussianPolicy(psi.K, psi.k, torch.maximum(psi.cov, floor))

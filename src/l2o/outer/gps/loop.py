@@ -29,44 +29,34 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from l2o.config import check_field_types, check_keys
+from l2o.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_text_atomic
+from l2o.config import Config, check_field_types
 from l2o.execution import Executor
 
 from .badmm import dual_step, kl_psi_pi, pi_covariance, pi_targets, update_epsilon, update_nu
 from .cost import QuadraticCost
-from .errors import GPSError
-from .linear_gaussian import DTYPE, LinearGaussianDynamics, LinearGaussianPolicy, fit_linear_gaussian_policy
+from .errors import GPSError, GPSIterationError
+from .linear_gaussian import DTYPE, LinearGaussianDynamics, LinearGaussianPolicy, fit_linear_gaussian_policy, floor_noise
 from .lqg import expected_cost, solve_trust_region
 
 __all__ = [
-    "CHECKPOINT_NAME", "LOG_NAME", "BADMMConfig", "Condition", "GPSIterationError", "GPSLoop", "LocalProblem",
-    "Samples", "Setting", "Unit", "finite_or_none", "floor_noise", "first_nonfinite_t",
+    "CHECKPOINT_NAME", "LOG_NAME", "BADMMConfig", "Condition", "GPSLoop", "LocalProblem", "Samples", "Setting", "Unit",
+    "finite_or_none", "first_nonfinite_t",
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LOG_NAME = "log.jsonl"
 
 
-class GPSIterationError(GPSError):
-    """A GPS iteration failed (sampling, a fit, the LQG or the π-step); names the iteration,
-    the stage and, where known, the time step t."""
-
-    def __init__(self, iteration: int, stage: str, message: str, t: int | None = None) -> None:
-        self.iteration, self.stage, self.t = iteration, stage, t
-        where = f"GPS iteration {iteration}, {stage}" + (f", t={t}" if t is not None else "")
-        super().__init__(f"{where}: {message}")
-
-
 @dataclass(frozen=True)
-class BADMMConfig:
+class BADMMConfig(Config):
     """What every GPS setting shares, with one set of defaults: the budget, the ε trust region and
     its ratio test, the Bregman weights ν_t and their schedule, the dual step, π's learning rate,
     the dynamics ridge, the exploration floor and the ψ-step failure policy (validated).
@@ -114,44 +104,6 @@ class BADMMConfig:
         self.check(0 < self.nu_decrease <= 1 <= self.nu_increase, "need 0 < nu_decrease ≤ 1 ≤ nu_increase")
         self.check(0 <= self.kl_low <= 1, "kl_low must be in [0, 1]")
 
-    def check(self, ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(f"{self._label} config: {msg}")
-
-    def require(self, ge0: tuple[str, ...] = (), ge1: tuple[str, ...] = (), gt0: tuple[str, ...] = (),
-                choices: dict[str, tuple[str, ...]] | None = None) -> None:
-        """Each named field ≥ 0, ≥ 1 or > 0, or one of its allowed values; the error names it."""
-        for names, ok, what in ((ge0, lambda v: v >= 0, ">= 0"), (ge1, lambda v: v >= 1, ">= 1"),
-                                (gt0, lambda v: v > 0, "> 0")):
-            for n in names:
-                self.check(ok(getattr(self, n)), f"{n} must be {what}, got {getattr(self, n)!r}")
-        for n, allowed in (choices or {}).items():
-            self.check(getattr(self, n) in allowed, f"{n} must be one of {allowed}, got {getattr(self, n)!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Build from a mapping, rejecting unknown keys by name."""
-        check_keys(cls, d, cls._label)
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def floor_noise(psi: LinearGaussianPolicy, states: Tensor, ratio: float) -> LinearGaussianPolicy:
-    """ψ with covariance G_t ≥ (ratio · RMS_t μ^ψ)², the RMS over the sampled states [N, T, D].
-
-    Why: the LQG's covariance is (η + ν)·Q_uu⁻¹, which collapses as η → 0 when the cost's curvature
-    is large in its own units; the next KL trust region, measured against that collapsed ψ, then
-    allows only a vanishing change of the mean, and GPS stalls far from the optimum (the
-    known-optimum test on separable quadratics showed this). Keeping the exploration a fixed
-    fraction of the step lets every iteration move the gains by a bounded relative amount."""
-    if ratio <= 0:
-        return psi
-    rms = psi.mean(states).square().mean(dim=(0, 2)).sqrt()  # [T]
-    floor = (ratio * rms).square().view(-1, 1, 1) * torch.eye(psi.cov.shape[-1], dtype=psi.cov.dtype)
-    return LinearGaussianPolicy(psi.K, psi.k, torch.maximum(psi.cov, floor))
-
 
 def first_nonfinite_t(x: Tensor) -> int | None:
     """The first time index (dim 1 of [N, T, ...]) holding a non-finite value, or None."""
@@ -173,6 +125,19 @@ class Unit:
     eta: float | None = None
     kl_prev: Tensor | None = None
     prior_buffer: list[Tensor] = field(default_factory=list)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The unit's tensors by checkpoint key (ψ's K, k, cov; λ as ``lambda``; ...)."""
+        t = {"K": self.psi.K, "k": self.psi.k, "cov": self.psi.cov, "lambda": self.lam, "nu": self.nu,
+             "pi_cov": self.pi_cov.clone(), "kl_prev": self.kl_prev}
+        t.update({f"prior_buffer.{b}": x for b, x in enumerate(self.prior_buffer)})
+        return {k: v for k, v in t.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], t: dict[str, Tensor]) -> Unit:
+        """Inverse of :meth:`tensors` with the unit's JSON meta (name, η, prior buffer length)."""
+        return cls(meta["name"], LinearGaussianPolicy(t["K"], t["k"], t["cov"]), t["lambda"], t["nu"], t["pi_cov"],
+                   meta["eta"], t.get("kl_prev"), [t[f"prior_buffer.{b}"] for b in range(int(meta["prior_buffer"]))])
 
 
 @dataclass
@@ -304,19 +269,14 @@ class GPSLoop:
         unit's ψ, λ, ν, η, Σ^π, last KL and prior buffer, the setting's state, the global RNG and
         the log records."""
         tensors: dict[str, Tensor] = {}
-        conds = []
         for i, cd in enumerate(self.conditions):
             tensors[f"c{i}.epsilon"] = torch.tensor([cd.epsilon], dtype=DTYPE)
             if cd.pending is not None:
                 tensors[f"c{i}.pending"] = cd.pending
             for j, u in enumerate(cd.units):
-                p = f"c{i}.u{j}."
-                tensors.update({p + "K": u.psi.K, p + "k": u.psi.k, p + "cov": u.psi.cov, p + "lambda": u.lam,
-                                p + "nu": u.nu, p + "pi_cov": u.pi_cov.clone()})
-                if u.kl_prev is not None:
-                    tensors[p + "kl_prev"] = u.kl_prev
-                tensors.update({f"{p}prior_buffer.{b}": x for b, x in enumerate(u.prior_buffer)})
-            conds.append([{"name": u.name, "eta": u.eta, "prior_buffer": len(u.prior_buffer)} for u in cd.units])
+                tensors.update({f"c{i}.u{j}.{k}": v for k, v in u.tensors().items()})
+        conds = [[{"name": u.name, "eta": u.eta, "prior_buffer": len(u.prior_buffer)} for u in cd.units]
+                 for cd in self.conditions]
         s_tensors, s_meta = self.setting.state()
         tensors.update({f"setting.{k}": v for k, v in s_tensors.items()})
         meta = {"config": self.config.to_dict(), "iteration": self.iteration, "conditions": conds,
@@ -344,18 +304,14 @@ class GPSLoop:
         # Fresh (aligned) copies: BLAS kernels may round differently on differently aligned
         # buffers, which would break bit-exact resume.
         tensors = {k: v.clone() for k, v in raw.items()}
-        self.conditions = []
-        for i, units in enumerate(meta["conditions"]):
-            us = []
-            for j, um in enumerate(units):
-                p = f"c{i}.u{j}."
-                us.append(Unit(um["name"], LinearGaussianPolicy(tensors[p + "K"], tensors[p + "k"], tensors[p + "cov"]),
-                               tensors[p + "lambda"], tensors[p + "nu"], tensors[p + "pi_cov"], um["eta"],
-                               tensors.get(p + "kl_prev"),
-                               [tensors[f"{p}prior_buffer.{b}"] for b in range(int(um["prior_buffer"]))]))
-            self.conditions.append(Condition(us, float(tensors[f"c{i}.epsilon"][0]), tensors.get(f"c{i}.pending")))
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.conditions = [Condition([Unit.from_tensors(um, part(f"c{i}.u{j}.")) for j, um in enumerate(units)],
+                                     float(tensors[f"c{i}.epsilon"][0]), tensors.get(f"c{i}.pending"))
+                           for i, units in enumerate(meta["conditions"])]
         try:
-            s.load_state({k[8:]: v for k, v in tensors.items() if k.startswith("setting.")}, meta["setting"])
+            s.load_state(part("setting."), meta["setting"])
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint {path}: {e}") from e
         self.iteration, self.logs = int(meta["iteration"]), list(meta["logs"])
@@ -365,9 +321,7 @@ class GPSLoop:
 
     def rewrite_log(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / (LOG_NAME + ".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.logs))
-        os.replace(tmp, self.out / LOG_NAME)
+        write_text_atomic(self.out / LOG_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.logs))
 
     def train(self, stop_after: int | None = None, callback: Callable[[dict[str, Any]], None] | None = None
               ) -> list[dict[str, Any]]:

@@ -28,8 +28,9 @@ from .cost import QuadraticCost, fit_quadratic_cost
 from .dynamics import GaussianPrior, GMMPrior, fit_dynamics, pooled_transitions
 from .env import Environment, LinearGaussianController, ModuleController, Trajectories
 from .linear_gaussian import DTYPE, LinearGaussianPolicy
-from .loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSIterationError, GPSLoop, LocalProblem, Samples
-from .loop import Setting, Unit, finite_or_none, first_nonfinite_t
+from .errors import GPSIterationError
+from .loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSLoop, LocalProblem, Samples, Setting, Unit
+from .loop import finite_or_none, first_nonfinite_t
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "ConditionSetting", "GPSConfig", "GPSIterationError", "GPSTrainer",
            "MultiConditionGPSTrainer"]
@@ -94,15 +95,12 @@ class ConditionSetting(Setting):
         self.module, self.config = module, config
         T, D, d = self.T, self.D, self.d
         if initial_psi is None or isinstance(initial_psi, LinearGaussianPolicy):
-            base = initial_psi or LinearGaussianPolicy.from_gain(torch.zeros(d, D, dtype=DTYPE), cov=config.init_noise, T=T)
-            self.psi0 = [base] * len(self.envs)
-        else:
-            self.psi0 = list(initial_psi)
-            if len(self.psi0) != len(self.envs):
-                raise ValueError(f"need one initial ψ per condition ({len(self.envs)}), got {len(self.psi0)}")
-        for p in self.psi0:
-            if (p.T, p.dim_a, p.dim_s) != (T, d, D):
-                raise ValueError(f"initial ψ must have T, d, D = {(T, d, D)}")
+            zero = LinearGaussianPolicy.from_gain(torch.zeros(d, D, dtype=DTYPE), cov=config.init_noise, T=T)
+            initial_psi = [initial_psi or zero] * len(self.envs)
+        self.psi0 = list(initial_psi)
+        if len(self.psi0) != len(self.envs) or any((p.T, p.dim_a, p.dim_s) != (T, d, D) for p in self.psi0):
+            raise ValueError(f"need one initial ψ per condition ({len(self.envs)}, got {len(self.psi0)}), "
+                             f"each with T, d, D = {(T, d, D)}")
         seeds = torch.randint(2**62, (len(self.envs),), generator=torch.Generator().manual_seed(config.seed)).tolist()
         self.sample_gens = [torch.Generator().manual_seed(s) for s in seeds]
         self.pi_gen = torch.Generator().manual_seed(config.seed + 1)
