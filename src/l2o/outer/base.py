@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 
 State = dict[str, Tensor]
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -72,6 +72,18 @@ class OuterTrainer(abc.ABC):
     def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """Restore :meth:`state_tensors`' output."""
 
+    def state_meta(self) -> dict[str, Any]:
+        """JSON state saved beside the tensors (merged into the checkpoint's metadata); none by default."""
+        return {}
+
+    def load_state_meta(self, meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_meta` from the checkpoint's metadata (after :meth:`load_state_tensors`)."""
+
+    def postfix(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """What the progress bar shows of a step's record."""
+        loss = record.get("meta_loss")
+        return {} if loss is None else {"meta_loss": f"{loss:.4f}"}
+
 
 @dataclass
 class OuterRunResult:
@@ -85,7 +97,8 @@ class OuterRunResult:
     wall_s: float
 
 
-def _read_log(path: Path, steps: int) -> list[dict[str, Any]]:
+def read_log(path: Path, steps: int) -> list[dict[str, Any]]:
+    """The first ``steps`` records of a ``log.jsonl`` (an error if it holds fewer)."""
     if not path.exists():
         return []
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -111,15 +124,17 @@ def config_resume_check(out: str | os.PathLike, config: Mapping[str, Any],
 
 def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta: Mapping[str, Any],
               resume: bool = False, checkpoint_every: int = 1, stop_after: int | None = None,
-              progress: bool = True, desc: str = "meta-train",
+              max_new: int | None = None, progress: bool = True, desc: str = "meta-train",
               on_checkpoint: Callable[[OuterTrainer, int, list[dict[str, Any]], float], None] | None = None,
               resume_check: Callable[[Mapping[str, Any]], None] | None = None) -> OuterRunResult:
     """Run ``trainer`` until it has taken ``steps`` outer steps, checkpointing into ``out``.
 
-    ``meta`` (JSON) is stored in the checkpoint; on resume ``resume_check(saved_meta)`` may reject a
-    changed configuration. The checkpoint is written every ``checkpoint_every`` steps and at the
-    end; ``log.jsonl`` is rewritten to match it, so a resumed run's log equals an uninterrupted
-    one's. ``stop_after`` ends the call after that many total steps (simulates an interruption).
+    ``meta`` (JSON) is stored in the checkpoint with ``trainer.state_meta()``; on resume
+    ``resume_check(saved_meta)`` may reject a changed configuration. The checkpoint is written every
+    ``checkpoint_every`` steps and at the end; ``log.jsonl`` (one record per step: ``step``, the
+    step's ``wall_s`` unless the record has its own, and the trainer's fields) is rewritten just
+    before it, so a resumed run's log equals an uninterrupted one's. ``stop_after`` ends the call
+    after that many total steps, ``max_new`` after that many more (simulate an interruption).
     ``on_checkpoint(trainer, step, log, wall_s)`` runs after every checkpoint (e.g. exports θ).
     """
     out = Path(out)
@@ -134,18 +149,21 @@ def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta
         if resume_check is not None:
             resume_check(saved)
         trainer.load_state_tensors(tensors)
+        trainer.load_state_meta(saved)
         done, wall = int(saved["step"]), float(saved["wall_s"])
         if done > steps:
             raise ValueError(f"cannot resume {ckpt}: it already holds {done} steps > the budget of {steps}")
-    log = _read_log(log_path, done)
+    log = read_log(log_path, done)
     out.mkdir(parents=True, exist_ok=True)
     target = steps if stop_after is None else min(steps, stop_after)
+    target = target if max_new is None else min(target, done + max_new)
 
     def save(n: int) -> None:
-        save_checkpoint(ckpt, trainer.state_tensors(), {**meta, "step": n, "wall_s": wall}, kind=trainer.kind)
-        tmp = log_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
-        os.replace(tmp, log_path)
+        # The log first: a kill between the two writes leaves a log ahead of the checkpoint, which
+        # resuming truncates, never one behind it.
+        write_text_atomic(log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
+        save_checkpoint(ckpt, trainer.state_tensors(), {**meta, **trainer.state_meta(), "step": n, "wall_s": wall},
+                        kind=trainer.kind)
         if on_checkpoint is not None:
             on_checkpoint(trainer, n, log, wall)
 
@@ -160,10 +178,9 @@ def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta
             dt = time.perf_counter() - t0
             wall += dt
             n += 1
-            log.append({"step": n, **record, "wall_s": round(dt, 5)})
+            log.append({"step": n, "wall_s": round(dt, 5), **record})
             bar.update()
-            if "meta_loss" in record and record["meta_loss"] is not None:
-                bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
+            bar.set_postfix(trainer.postfix(record))
             if n % checkpoint_every == 0 or n == target:
                 save(n)
         if n == done and not ckpt.exists():

@@ -336,5 +336,4 @@ class ConvGPSTrainer(GPSLoop):
               ) -> list[dict[str, Any]]:
         """Run (or continue) until ``config.iterations``; a checkpoint is written after each."""
         torch.set_num_threads(self.config.threads)
-        self.load()
         return super().train(stop_after, callback)

@@ -22,13 +22,12 @@ cost model), π's form and regression, and π's evaluation. One iteration (:meth
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_text_atomic
+from l2o.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from l2o.config import Config, check_field_types
 from l2o.execution import Executor
+from l2o.outer.base import CHECKPOINT_NAME, LOG_NAME, OuterTrainer, read_log, run_outer
 
 from .badmm import dual_step, kl_psi_pi, pi_covariance, pi_targets, update_epsilon, update_nu
 from .cost import QuadraticCost
@@ -50,9 +50,6 @@ __all__ = [
     "CHECKPOINT_NAME", "LOG_NAME", "BADMMConfig", "Condition", "GPSLoop", "LocalProblem", "Samples", "Setting", "Unit",
     "finite_or_none", "first_nonfinite_t",
 ]
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
-LOG_NAME = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -243,10 +240,12 @@ class Setting(ABC):
 
 
 # --------------------------------------------------------------------------- the loop
-class GPSLoop:
-    """GPS/BADMM iterations of a :class:`Setting` under a :class:`BADMMConfig`: ``out/log.jsonl``
-    gets one record per iteration and ``out/checkpoint.safetensors`` is rewritten after each.
-    ``fresh`` refuses to start over an existing checkpoint (continue it with :meth:`resume`)."""
+class GPSLoop(OuterTrainer):
+    """GPS/BADMM iterations of a :class:`Setting` under a :class:`BADMMConfig`, an
+    :class:`~l2o.outer.base.OuterTrainer` (one outer step = one GPS iteration) run by
+    :func:`~l2o.outer.base.run_outer`: ``out/log.jsonl`` gets one record per iteration and
+    ``out/checkpoint.safetensors`` is rewritten after each. ``fresh`` refuses to start over an
+    existing checkpoint (continue it with :meth:`load`, or a front end's ``resume``)."""
 
     def __init__(self, setting: Setting, config: BADMMConfig, out: str | os.PathLike, progress: bool = True,
                  fresh: bool = True) -> None:
@@ -258,16 +257,21 @@ class GPSLoop:
         self.conditions: list[Condition] = []
         self.iteration = 0
         self.logs: list[dict[str, Any]] = []
+        self._loaded: dict[str, Tensor] = {}
 
     @property
     def units(self) -> list[Unit]:
         return [u for cd in self.conditions for u in cd.units]
 
-    # ------------------------------------------------------------------ checkpoint and log
-    def save(self) -> Path:
-        """Write the checkpoint atomically: every condition's ε and ratio-test bookkeeping, every
-        unit's ψ, λ, ν, η, Σ^π, last KL and prior buffer, the setting's state, the global RNG and
-        the log records."""
+    # ------------------------------------------------------------------ checkpoint (OuterTrainer)
+    @property
+    def theta(self) -> Tensor:
+        """π's parameters as one float64 vector."""
+        return torch.cat([v.reshape(-1).to(DTYPE) for v in self.setting.state()[0].values()])
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every condition's ε and ratio-test bookkeeping, every unit's ψ, λ, ν, Σ^π, last KL and
+        prior buffer, and the setting's tensors."""
         tensors: dict[str, Tensor] = {}
         for i, cd in enumerate(self.conditions):
             tensors[f"c{i}.epsilon"] = torch.tensor([cd.epsilon], dtype=DTYPE)
@@ -275,23 +279,28 @@ class GPSLoop:
                 tensors[f"c{i}.pending"] = cd.pending
             for j, u in enumerate(cd.units):
                 tensors.update({f"c{i}.u{j}.{k}": v for k, v in u.tensors().items()})
+        tensors.update({f"setting.{k}": v for k, v in self.setting.state()[0].items()})
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        """The config, the iteration, units' names and η, the sizes, the setting's JSON and the global RNG."""
         conds = [[{"name": u.name, "eta": u.eta, "prior_buffer": len(u.prior_buffer)} for u in cd.units]
                  for cd in self.conditions]
-        s_tensors, s_meta = self.setting.state()
-        tensors.update({f"setting.{k}": v for k, v in s_tensors.items()})
-        meta = {"config": self.config.to_dict(), "iteration": self.iteration, "conditions": conds,
-                "dims": [self.setting.T, self.setting.D, self.setting.d], "setting": s_meta, "rng": rng_state(),
-                "logs": self.logs}
-        return save_checkpoint(self.out / CHECKPOINT_NAME, tensors, meta, self.kind)
+        return {"config": self.config.to_dict(), "iteration": self.iteration, "conditions": conds,
+                "dims": [self.setting.T, self.setting.D, self.setting.d], "setting": self.setting.state()[1],
+                "rng": rng_state()}
 
-    def load(self, may_change: tuple[str, ...] = ("iterations", "progress", "data_dir")) -> bool:
-        """Continue from ``out/checkpoint.safetensors`` if it exists (False if not). Its config must
-        equal this loop's except ``may_change`` (keys added since it was written take their
-        defaults), and its sizes the setting's."""
-        path = self.out / CHECKPOINT_NAME
-        if not path.exists():
-            return False
-        raw, meta = load_checkpoint(path, self.kind)
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        # Fresh (aligned) copies: BLAS kernels may round differently on differently aligned
+        # buffers, which would break bit-exact resume.
+        self._loaded = {k: v.clone() for k, v in tensors.items()}
+
+    def load_state_meta(self, meta: Mapping[str, Any],
+                        may_change: tuple[str, ...] = ("iterations", "progress", "data_dir")) -> None:
+        """Restore the loop from the loaded tensors and ``meta``. The saved config must equal this
+        loop's except ``may_change`` (keys added since it was written take their defaults), and its
+        sizes the setting's."""
+        path, tensors = self.out / CHECKPOINT_NAME, self._loaded
         old, new, defaults = meta["config"], self.config.to_dict(), type(self.config)().to_dict()
         diff = sorted(k for k in new if k not in may_change and old.get(k, defaults[k]) != new[k])
         if diff:
@@ -301,9 +310,7 @@ class GPSLoop:
         if meta["dims"] != [s.T, s.D, s.d] or len(meta["conditions"]) != s.n_conditions:
             raise CheckpointError(f"checkpoint {path} has {len(meta['conditions'])} conditions of (T, D, d) = "
                                   f"{tuple(meta['dims'])}, the setting {s.n_conditions} of {(s.T, s.D, s.d)}")
-        # Fresh (aligned) copies: BLAS kernels may round differently on differently aligned
-        # buffers, which would break bit-exact resume.
-        tensors = {k: v.clone() for k, v in raw.items()}
+
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -314,36 +321,36 @@ class GPSLoop:
             s.load_state(part("setting."), meta["setting"])
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint {path}: {e}") from e
-        self.iteration, self.logs = int(meta["iteration"]), list(meta["logs"])
+        self.iteration = int(meta["iteration"])
         set_rng_state(meta["rng"])
-        self.rewrite_log()
+
+    def load(self) -> bool:
+        """Continue from ``out/checkpoint.safetensors`` if it exists (False if not)."""
+        path = self.out / CHECKPOINT_NAME
+        if not path.exists():
+            return False
+        tensors, meta = load_checkpoint(path, self.kind)
+        self.load_state_tensors(tensors)
+        self.load_state_meta(meta)
+        self.logs = read_log(self.out / LOG_NAME, self.iteration)
         return True
 
-    def rewrite_log(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / LOG_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.logs))
+    def postfix(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return self.setting.postfix(dict(record))
 
     def train(self, stop_after: int | None = None, callback: Callable[[dict[str, Any]], None] | None = None
               ) -> list[dict[str, Any]]:
-        """Run iterations until ``config.iterations`` (or ``stop_after`` more), checkpointing after
-        each; ``callback`` gets every record. Returns all records (also in ``log.jsonl``)."""
-        from tqdm.auto import tqdm
+        """Run (or continue the checkpoint in ``out``) until ``config.iterations``, or ``stop_after``
+        more; ``callback`` gets every record. Returns all records (also in ``log.jsonl``)."""
 
-        end = self.config.iterations if stop_after is None else min(self.config.iterations,
-                                                                     self.iteration + int(stop_after))
-        if self.iteration == 0 and not self.logs:
-            self.rewrite_log()
-        bar = tqdm(total=self.config.iterations, initial=self.iteration, desc=f"GPS ({self.setting.name})", unit="it",
-                   disable=not self.progress)
-        try:
-            while self.iteration < end:
-                rec = self.step()
-                bar.update()
-                bar.set_postfix(self.setting.postfix(rec))
-                if callback is not None:
-                    callback(rec)
-        finally:
-            bar.close()
+        def each(_trainer: OuterTrainer, n: int, log: list[dict[str, Any]], _wall: float) -> None:
+            if callback is not None and log and log[-1]["step"] == n:
+                callback(log[-1])
+
+        result = run_outer(self, self.out, self.config.iterations, meta={}, resume=(self.out / CHECKPOINT_NAME).exists(),
+                           max_new=stop_after, progress=self.progress, desc=f"GPS ({self.setting.name})",
+                           on_checkpoint=each)
+        self.logs = result.log
         return self.logs
 
     # ------------------------------------------------------------------ one iteration
@@ -391,7 +398,7 @@ class GPSLoop:
         return out
 
     def step(self) -> dict[str, Any]:
-        """One GPS/BADMM iteration; returns its record (also logged and checkpointed)."""
+        """One GPS/BADMM iteration; returns its record (:meth:`train` logs and checkpoints it)."""
         s, c, it = self.setting, self.config, self.iteration
         t_start = time.perf_counter()
         if not self.conditions:
@@ -447,11 +454,7 @@ class GPSLoop:
         for k, v in rec.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise GPSIterationError(it, "logging", f"{k} is not finite ({v})")
-        self.logs.append(rec)
         s.after_step(rec)
-        self.save()
-        with open(self.out / LOG_NAME, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
         return rec
 
 
