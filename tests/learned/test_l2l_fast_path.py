@@ -22,7 +22,8 @@ def _model(dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _loss(m: torch.nn.Module, t: int) -> torch.Tensor:
-    x = torch.randn(16, 7, generator=torch.Generator().manual_seed(t), dtype=m[0].weight.dtype)
+    # float32 data for every dtype, so a float64 run solves exactly the float32 run's problem
+    x = torch.randn(16, 7, generator=torch.Generator().manual_seed(t)).to(m[0].weight.dtype)
     return (m(x) - 0.3).square().mean()
 
 
@@ -57,19 +58,33 @@ def _fast(m: torch.nn.Module, steps: int, start: int = 0, opt=None):
     return opt, [q.detach().clone() for q in params] + [opt.state[q][k] for q in params for k in ("h1", "c1", "h2", "c2")]
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, {"rtol": 1e-10, "atol": 1e-13}),
-                                        (torch.float32, {"rtol": 1e-5, "atol": 1e-6})])
 @pytest.mark.parametrize("chunk", [4096, 13])
-def test_fast_path_equals_the_eager_reference(monkeypatch, dtype, tol, chunk):
+def test_fast_path_equals_the_eager_reference(monkeypatch, chunk):
     monkeypatch.setattr(l2l_mod, "CHUNK_ROWS", chunk)  # 13: chunks straddle parameter boundaries
+    dtype = torch.float64
     ref = _reference(_model(dtype), 6)
     m = _model(dtype)
     opt, fast = _fast(m, 6)
     assert len(fast) == len(ref) == 20
     assert (ref[0] - _model(dtype)[0].weight.detach()).abs().max() > 1e-4
     for a, b in zip(fast, ref, strict=True):
-        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     assert m.frozen not in opt.state and torch.equal(m.frozen.detach(), torch.ones(5, dtype=dtype))
+
+
+@pytest.mark.parametrize("chunk", [4096, 13])
+def test_float32_fast_path_is_as_accurate_as_the_float32_reference(monkeypatch, chunk):
+    """In float32 the fused path and the eager reference round differently (by how much depends on
+    the CPU's BLAS kernels), so both are held against the same problem solved in float64: the fast
+    path's error may not exceed twice the eager path's (plus 1e-6 of the tensor's scale)."""
+    monkeypatch.setattr(l2l_mod, "CHUNK_ROWS", chunk)
+    exact = _reference(_model(torch.float32).double(), 6)
+    eager = _reference(_model(torch.float32), 6)
+    _, fast = _fast(_model(torch.float32), 6)
+    for f, e, x in zip(fast, eager, exact, strict=True):
+        scale = float(x.abs().max())
+        err_fast, err_eager = float((f.double() - x).abs().max()), float((e.double() - x).abs().max())
+        assert err_fast <= 2 * err_eager + 1e-6 * scale, (err_fast, err_eager, scale)
 
 
 def test_state_dict_round_trip_through_torch_save():
