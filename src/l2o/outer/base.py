@@ -126,7 +126,8 @@ def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta
               resume: bool = False, checkpoint_every: int = 1, stop_after: int | None = None,
               max_new: int | None = None, progress: bool = True, desc: str = "meta-train",
               on_checkpoint: Callable[[OuterTrainer, int, list[dict[str, Any]], float], None] | None = None,
-              resume_check: Callable[[Mapping[str, Any]], None] | None = None) -> OuterRunResult:
+              resume_check: Callable[[Mapping[str, Any]], None] | None = None,
+              log_name: str = LOG_NAME) -> OuterRunResult:
     """Run ``trainer`` until it has taken ``steps`` outer steps, checkpointing into ``out``.
 
     ``meta`` (JSON) is stored in the checkpoint with ``trainer.state_meta()``; on resume
@@ -136,9 +137,10 @@ def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta
     before it, so a resumed run's log equals an uninterrupted one's. ``stop_after`` ends the call
     after that many total steps, ``max_new`` after that many more (simulate an interruption).
     ``on_checkpoint(trainer, step, log, wall_s)`` runs after every checkpoint (e.g. exports θ).
+    ``log_name`` names the log file in ``out``.
     """
     out = Path(out)
-    ckpt, log_path = out / CHECKPOINT_NAME, out / LOG_NAME
+    ckpt, log_path = out / CHECKPOINT_NAME, out / log_name
     if ckpt.exists() and not resume:
         raise ValueError(f"{ckpt} exists: pass resume=True (--resume) to continue it, or choose another output folder")
     if resume and not ckpt.exists():

@@ -20,7 +20,6 @@ generators, the episode counter, the meta-loss log), so an interrupted run resum
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,9 +31,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
+from l2o.checkpoint import CheckpointError
 from l2o.config import Config, check_field_types
 from l2o.learned.l2l import NET_KEYS, TRAIN_KIND, Hidden, check_net, init_hidden, init_net, save_policy, step
+from l2o.outer.base import OuterTrainer, config_resume_check, run_outer
 from l2o.tasks.base import Task, flatten, unflatten
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -197,65 +197,77 @@ def policy_meta(config: MetaL2LConfig, log: list[dict[str, Any]], wall_s: float,
     }
 
 
-def _save_state(path: Path, config: MetaL2LConfig, net: Mapping[str, Tensor], adam: torch.optim.Adam,
-                init_gen: torch.Generator, batch_gen: torch.Generator, log: list[dict[str, Any]],
-                wall_s: float, command: str | None) -> None:
-    tensors: dict[str, Tensor] = {f"net.{k}": net[k] for k in NET_KEYS}
-    for k in NET_KEYS:
-        st = adam.state.get(net[k], {})
-        for name, value in st.items():
-            tensors[f"adam.{k}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.init"] = init_gen.get_state()
-    tensors["rng.batch"] = batch_gen.get_state()
-    meta = {"config": asdict(config), "episode": len(log), "log": log, "wall_s": wall_s, "command": command,
-            "torch": torch.__version__}
-    save_checkpoint(path, tensors, meta, kind=TRAIN_KIND)
+class L2LTrainer(OuterTrainer):
+    """Truncated-BPTT meta-training of φ as an :class:`~l2o.outer.base.OuterTrainer`: one outer step
+    is one episode (:func:`run_episode`). Checkpointed: φ, Adam's state and the two generators
+    (tensors), the episode log and the command (JSON)."""
 
+    kind = TRAIN_KIND
 
-def _load_state(path: Path, config: MetaL2LConfig, net: dict[str, Tensor], adam: torch.optim.Adam,
-                init_gen: torch.Generator, batch_gen: torch.Generator) -> tuple[list[dict[str, Any]], float, str | None]:
-    """Restore a training checkpoint; a missing or malformed field or non-finite weights raise
-    :class:`CheckpointError` naming the file (not a bare KeyError)."""
-    tensors, meta = load_checkpoint(path, kind=TRAIN_KIND)
-    try:
-        check_net({k: tensors[f"net.{k}"] for k in NET_KEYS})
-        return _restore(path, tensors, meta, config, net, adam, init_gen, batch_gen)
-    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
-        what = f"lacks {e}" if isinstance(e, KeyError) else f"holds a malformed field ({e})"
-        raise CheckpointError(f"checkpoint {path} {what}") from e
-    except ValueError as e:
-        if isinstance(e, CheckpointError) or str(e).startswith("cannot resume"):
-            raise
-        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    def __init__(self, config: MetaL2LConfig, task_sampler: Callable[[int], Task], command: str | None,
+                 path: Path) -> None:
+        self.config, self.task_sampler, self.command, self.path = config, task_sampler, command, path
+        net = init_net(config.seed, config.hidden_size, config.torch_dtype)
+        self.net = {k: v.requires_grad_(True) for k, v in net.items()}
+        self.adam = torch.optim.Adam([self.net[k] for k in NET_KEYS], lr=config.meta_lr)
+        s_init, s_batch = _seeds(config.seed)
+        self.init_gen = torch.Generator().manual_seed(s_init)
+        self.batch_gen = torch.Generator().manual_seed(s_batch)
+        self.log: list[dict[str, Any]] = []
 
+    @property
+    def theta(self) -> Tensor:
+        return torch.cat([self.net[k].detach().reshape(-1) for k in NET_KEYS])
 
-def _restore(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any], config: MetaL2LConfig,
-             net: dict[str, Tensor], adam: torch.optim.Adam, init_gen: torch.Generator,
-             batch_gen: torch.Generator) -> tuple[list[dict[str, Any]], float, str | None]:
-    saved = meta["config"]
-    diff = sorted(k for k in asdict(config) if k not in _RESUME_MAY_CHANGE and saved.get(k) != asdict(config)[k])
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in diff)
-        raise ValueError(f"cannot resume {path}: config differs from the checkpoint's ({detail})")
-    if meta["episode"] > config.episodes:
-        raise ValueError(f"cannot resume {path}: it already holds {meta['episode']} episodes > episodes = {config.episodes}")
-    with torch.no_grad():
+    def step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        episode = len(self.log)
+        init_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.init_gen))
+        record = run_episode(self.net, self.adam, self.task_sampler(episode), init_seed, self.batch_gen, self.config)
+        self.log.append({"episode": episode, **record, "wall_s": round(time.perf_counter() - t0, 4)})
+        return self.log[-1]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {f"net.{k}": self.net[k] for k in NET_KEYS}
         for k in NET_KEYS:
-            net[k].copy_(tensors[f"net.{k}"])
-    sd = adam.state_dict()
-    state: dict[int, dict[str, Tensor]] = {}
-    for i, k in enumerate(NET_KEYS):
-        entry = {name: tensors[f"adam.{k}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq") if f"adam.{k}.{name}" in tensors}
-        if entry:
-            state[i] = entry
-    adam.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    init_gen.set_state(tensors["rng.init"])
-    batch_gen.set_state(tensors["rng.batch"])
-    return list(meta["log"]), float(meta["wall_s"]), meta.get("command")
+            for name, value in self.adam.state.get(self.net[k], {}).items():
+                tensors[f"adam.{k}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        tensors["rng.init"] = self.init_gen.get_state()
+        tensors["rng.batch"] = self.batch_gen.get_state()
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"episode": len(self.log), "log": self.log, "command": self.command, "torch": torch.__version__}
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Restore φ, Adam and the generators; a missing or malformed tensor or non-finite weights
+        raise :class:`CheckpointError` naming the file."""
+        try:
+            check_net({k: tensors[f"net.{k}"] for k in NET_KEYS})
+            with torch.no_grad():
+                for k in NET_KEYS:
+                    self.net[k].copy_(tensors[f"net.{k}"])
+            state: dict[int, dict[str, Tensor]] = {}
+            for i, k in enumerate(NET_KEYS):
+                entry = {n: tensors[f"adam.{k}.{n}"] for n in ("step", "exp_avg", "exp_avg_sq") if f"adam.{k}.{n}" in tensors}
+                if entry:
+                    state[i] = entry
+            self.adam.load_state_dict({"state": state, "param_groups": self.adam.state_dict()["param_groups"]})
+            self.init_gen.set_state(tensors["rng.init"])
+            self.batch_gen.set_state(tensors["rng.batch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {self.path} {_what(e)}") from e
+
+    def load_state_meta(self, meta: Mapping[str, Any]) -> None:
+        try:
+            self.log = [dict(r) for r in meta["log"]]
+            self.command = meta.get("command") or self.command
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.path} {_what(e)}") from e
 
 
-def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in log))
+def _what(e: Exception) -> str:
+    return f"lacks {e}" if isinstance(e, KeyError) else f"holds a malformed field ({e})"
 
 
 def run_episode(
@@ -315,7 +327,8 @@ def meta_train(
     task_sampler: Callable[[int], Task] | None = None,
     command: str | None = None,
 ) -> MetaTrainResult:
-    """Meta-train φ for ``config.episodes`` episodes, checkpointing into ``out`` after each.
+    """Meta-train φ for ``config.episodes`` episodes, checkpointing into ``out`` after each
+    (:func:`~l2o.outer.base.run_outer` drives :class:`L2LTrainer`).
 
     ``out`` receives ``checkpoint.safetensors`` (the resumable state), ``metaloss.jsonl`` (one
     line per episode; ``meta_loss`` is the episode's mean mini-batch loss over its T steps) and
@@ -326,11 +339,7 @@ def meta_train(
     the config's task, e.g. by a family of random problems (episode index → task).
     """
     out = Path(out)
-    ckpt_path, log_path, policy_path = out / CHECKPOINT_NAME, out / LOG_NAME, out / POLICY_NAME
-    if ckpt_path.exists() and not resume:
-        raise ValueError(f"{ckpt_path} exists: pass resume=True (--resume) to continue it, or choose another output folder")
-    if resume and not ckpt_path.exists():
-        raise CheckpointError(f"cannot resume: checkpoint {ckpt_path} not found")
+    ckpt_path, policy_path = out / CHECKPOINT_NAME, out / POLICY_NAME
     if task_sampler is None:
         from l2o.tasks.registry import make_task
 
@@ -339,44 +348,26 @@ def meta_train(
         def task_sampler(episode: int) -> Task:
             return fixed
 
+    same_config = config_resume_check(out, asdict(config), _RESUME_MAY_CHANGE)
+
+    def check(saved: Mapping[str, Any]) -> None:
+        if not isinstance(saved.get("config"), dict):
+            raise CheckpointError(f"checkpoint {ckpt_path} {'lacks' if 'config' not in saved else 'holds a malformed'} "
+                                  "'config'")
+        same_config(saved)
+
+    def export(trainer: OuterTrainer, _n: int, _log: list[dict[str, Any]], wall: float) -> None:
+        assert isinstance(trainer, L2LTrainer)
+        save_policy(policy_path, trainer.net, policy_meta(config, trainer.log, wall, trainer.command))
+
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        net = {k: v.requires_grad_(True) for k, v in init_net(config.seed, config.hidden_size, config.torch_dtype).items()}
-        adam = torch.optim.Adam([net[k] for k in NET_KEYS], lr=config.meta_lr)
-        s_init, s_batch = _seeds(config.seed)
-        init_gen = torch.Generator().manual_seed(s_init)
-        batch_gen = torch.Generator().manual_seed(s_batch)
-        log: list[dict[str, Any]] = []
-        wall = 0.0
-        if resume:
-            log, wall, saved_command = _load_state(ckpt_path, config, net, adam, init_gen, batch_gen)
-            command = saved_command or command
-        out.mkdir(parents=True, exist_ok=True)
-        target = config.episodes if stop_after is None else min(config.episodes, stop_after)
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.episodes, initial=len(log), desc="meta-train l2l", unit="ep", disable=not progress)
-        try:
-            while len(log) < target:
-                t0 = time.perf_counter()
-                episode = len(log)
-                init_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=init_gen))
-                record = run_episode(net, adam, task_sampler(episode), init_seed, batch_gen, config)
-                dt = time.perf_counter() - t0
-                wall += dt
-                log.append({"episode": episode, **record, "wall_s": round(dt, 4)})
-                _save_state(ckpt_path, config, net, adam, init_gen, batch_gen, log, wall, command)
-                _write_log(log_path, log)
-                save_policy(policy_path, net, policy_meta(config, log, wall, command))
-                bar.update()
-                if record["meta_loss"] is not None:
-                    bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
-        finally:
-            bar.close()
-        if not log_path.exists():
-            _write_log(log_path, log)
+        trainer = L2LTrainer(config, task_sampler, command, ckpt_path)
+        res = run_outer(trainer, out, config.episodes, meta={"config": asdict(config)}, resume=resume,
+                        stop_after=stop_after, progress=progress, desc="meta-train l2l", on_checkpoint=export,
+                        resume_check=check, log_name=LOG_NAME)
     finally:
         torch.set_num_threads(threads)
-    return MetaTrainResult({k: v.detach() for k, v in net.items()}, log, ckpt_path, policy_path, log_path, wall)
+    return MetaTrainResult({k: v.detach() for k, v in trainer.net.items()}, trainer.log, ckpt_path, policy_path,
+                           res.log_file, res.wall_s)
