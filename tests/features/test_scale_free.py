@@ -114,3 +114,30 @@ def test_state_index_names_a_feature_or_defaults_to_the_gradient():
     assert feats.state_index(None) == feats.state_index("") == feats.grad_feature
     with pytest.raises(ValueError, match="'adagard' is not a state feature of 'scale-free'"):
         feats.state_index("adagard")
+
+
+@pytest.mark.parametrize("make_opt,feature,lr", [BASELINES[3], BASELINES[6]], ids=["adagrad", "adam"])
+def test_in_the_preconditioned_action_space_a_baseline_is_still_a_linear_psi(make_opt, feature, lr):
+    """precondition = "adam": ψ sees s' = [p·s; g/p] and acts in u = p·a, so the same gain on the
+    scaled direction still reproduces the torch optimizer (to float rounding of p·s/p)."""
+    task = tiny_mlp_task()
+    feats = ScaleFreeFeatures()
+    psi = initial_psi(T, lr, 1e-12, feats.state_dim + 1, STATE_INDEX[feature])
+    r = rollout(task, GroupLinearGaussianController(task, [psi] * len(task.groups), noise=False), seed=4, horizon=T,
+                coords_per_group=2, return_history=True, features=feats, precondition="adam")
+    xs_torch = _torch_iterates(task, make_opt, seed=4)
+    assert float((xs_torch[-1] - xs_torch[0]).abs().max()) > 1e-2
+    torch.testing.assert_close(r.history[0], xs_torch, rtol=1e-5, atol=1e-6)
+    # the recorded actions are u = p·a and the scales are p = (√v̂ + 1e-8)^½ of the gradients seen
+    xs, gs, _ = r.history
+    v = torch.zeros_like(gs[0])
+    for t in range(T):
+        v = 0.999 * v + 0.001 * gs[t] * gs[t]
+        p = ((v / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8).sqrt()
+        start = 0
+        for gi, g in enumerate(task.groups):
+            idx = r.coords[gi] + start
+            torch.testing.assert_close(r.scales[gi][t], p[idx])
+            torch.testing.assert_close(r.actions[gi][t], (p * (xs[t + 1] - xs[t]))[idx], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(r.states[gi][t, :, -1], (gs[t] / p)[idx])
+            start += g.numel

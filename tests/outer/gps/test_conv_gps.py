@@ -26,6 +26,7 @@ from l2o.outer.gps.conv_trainer import (
     ConvGPSConfig,
     ConvGPSTrainer,
     initial_psi,
+    pi_means,
 )
 from l2o.outer.gps.conv_cost import gradient_shrinkage, telescoped_cost
 from l2o.learned import psd
@@ -267,3 +268,48 @@ def test_an_unknown_initial_direction_is_named(tmp_path):
     cfg = ConvGPSConfig(horizon=4, iterations=1, samples=2, coords_per_group=2, init_direction="adagard")
     with pytest.raises(ValueError, match="init_direction: 'adagard' is not a state feature"):
         ConvGPSTrainer(cfg, tmp_path / "run", task=tiny_mlp_task(), progress=False)
+
+
+def test_preconditioned_curvature_makes_the_cost_exact_for_the_step():
+    """precondition = "adam": κ_{g,t} = a_gᵀH a_g / Σ_j p_j² a_j², so ½κ Σ_j u_j² = ½ a_gᵀH a_g; on
+    f = ½ Σ_g h_g |x_g − 1|², a_gᵀH a_g = h_g |a_g|²."""
+    task = DiagonalQuadratic(curvatures=(0.5, 2.0))
+    T = 6
+    psi = initial_psi(T, 0.4, 0.1, state_dim=78)
+    r = rollout(task, GroupLinearGaussianController(task, [psi] * 2), 1, T, 10, curvature_every=2,
+                return_history=True, precondition="adam")
+    xs, gs, _ = r.history
+    v = torch.zeros_like(gs[0])
+    for k, t in enumerate(range(T)):
+        v = 0.999 * v + 0.001 * gs[t] * gs[t]
+        if t % 2:
+            continue
+        p = ((v / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8).sqrt()
+        a = xs[t + 1] - xs[t]
+        for gi, (sl, h) in enumerate(((slice(0, 6), 0.5), (slice(6, 9), 2.0))):
+            expected = h * float(a[sl].square().sum()) / float((p[sl] * a[sl]).square().sum())
+            assert float(r.curvature[t // 2, gi]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_preconditioned_conv_gps_regresses_pi_in_the_optimizers_action_space(tmp_path):
+    """A short preconditioned run: s' has D + 1 numbers, and π's mean in ψ's space is p·μ^π(Ψ)."""
+    cfg = ConvGPSConfig(horizon=8, iterations=1, samples=3, coords_per_group=3, pi_steps=0, pi_first_steps=3,
+                        eval_every=4, curvature_every=4, features="scale-free", init_direction="adagrad",
+                        init_gain=0.1, precondition="adam", psi_step_failure="keep", epsilon_min_gain=0.0)
+    tr = ConvGPSTrainer(cfg, tmp_path / "run", task=tiny_mlp_task(), progress=False)
+    (rec,) = tr.train()
+    assert tr.setting.D == 11 and rec["psi_auc"] > 0
+    O = torch.randn(4, 8, 13)
+    Pc = torch.rand(4, 8, 1, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(tr.setting.pi_mean((O, Pc)), pi_means(tr.net, O) * Pc)
+    with pytest.raises(ValueError, match="precondition"):
+        ConvGPSConfig(precondition="rmsprop")
+    # The π-step takes ψ's targets in u: targets equal to π's own mean in u are already fitted
+    # (pi_steps = 0 after iteration 0: fit_pi returns the weighted relative error of the current π).
+    from types import SimpleNamespace
+
+    probs = [SimpleNamespace(obs=(O, Pc)), SimpleNamespace(obs=(O[:2], Pc[:2] * 3))]
+    targets = [tr.setting.pi_mean(p.obs) for p in probs]
+    weights = [torch.ones(8, 1, 1, dtype=torch.float64)] * 2
+    assert tr.setting.fit_pi(1, probs, targets, weights) < 1e-5
+    assert tr.setting.fit_pi(1, probs, [y / Pc.mean() for y in targets], weights) > 1e-2  # a-space targets are not

@@ -31,6 +31,8 @@ from l2o.tasks.base import Task, flatten, unflatten
 
 from .linear_gaussian import DTYPE
 
+PRECONDITIONERS = ("none", "adam")
+"""Action spaces of ψ: a itself, or u = p·a with p² ∝ √v̂ (see :func:`rollout`)."""
 GRAD_FEATURE = Paper2017Features().grad_feature
 """Index in s_t^j of Φ2_0 = ḡ_t/(|ḡ_{max(t−5, t mod 5)}| + 1), the state's current-gradient feature
 (after x_t^j and the 25 objective-change features)."""
@@ -76,6 +78,9 @@ class Rollout:
     history: tuple[Tensor, Tensor, Tensor] | None = None
     """(xs [T+1, n], gs [T+1, n], fs [T+1]) when requested: iterates, mini-batch gradients and
     objective values (gs[T], fs[T] are zero: no gradient is taken at x_T)."""
+    scales: list[Tensor] | None = None
+    """Per group [T, S_g]: the action scale p of the recorded coordinates (ones unless the rollout
+    was preconditioned; ``actions`` hold u = p·a then)."""
 
 
     def auc(self) -> float:
@@ -105,6 +110,7 @@ def rollout(
     features: FeatureSet | None = None,
     curvature_along: str = "step",
     curvature_batch: str = "same",
+    precondition: str = "none",
 ) -> Rollout:
     """Run ``controller`` on ``task`` from x⁽⁰⁾(seed) for ``horizon`` steps with mini-batches drawn
     by a generator seeded from ``seed``; exploration noise uses a third seeded generator, so a
@@ -118,13 +124,24 @@ def rollout(
     mini-batch's gradient points where that batch curves most, so its own Hessian overstates the
     true curvature along it (on mnist:48-48:b64 under AdaGrad, 2.4× over 100 steps, enough to flip
     the sign of the modelled change of f: ``scripts/curvature_bias.py``); an independent batch is
-    unbiased for the true Hessian."""
+    unbiased for the true Hessian.
+
+    ``precondition = "adam"``: ψ (a controller that reads states) acts in the preconditioned action
+    u_j = p_j a_j with p_j = (√v̂_j + 10⁻⁸)^½, v̂ Adam's bias-corrected second moment (β = 0.999),
+    on the state s'_j = [p_j s_j; s_j[grad]/p_j] (D + 1 numbers); the curvature becomes
+    κ_{g,t} = a_gᵀ(∇²f̂ a)_g / Σ_j p_j² a_j², so that ½ κ Σ_j u_j² is again exact for the step taken,
+    and per coordinate the model's curvature is κ·p_j² ∝ √v̂_j (Adam's diagonal curvature estimate)
+    instead of one number per group. ``Rollout.scales`` records p. Controllers that read only Ψ (π)
+    act in a as before."""
     if curvature_along not in ("step", "mean"):
         raise ValueError(f"curvature_along must be 'step' or 'mean', got {curvature_along!r}")
     if curvature_batch not in ("same", "independent"):
         raise ValueError(f"curvature_batch must be 'same' or 'independent', got {curvature_batch!r}")
+    if precondition not in PRECONDITIONERS:
+        raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
     features = Paper2017Features() if features is None else features
-    D, P = features.state_dim, features.obs_dim
+    pre = precondition != "none"
+    D, P = features.state_dim + int(pre), features.obs_dim
     T = int(horizon)
     if T < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -146,6 +163,8 @@ def rollout(
     rec_s = [torch.full((T, len(c), D), math.nan, dtype=dtype) for c in coords] if record_states else []
     rec_a = [torch.full((T, len(c)), math.nan, dtype=dtype) for c in coords]
     rec_o = [torch.full((T, len(c), P), math.nan, dtype=dtype) for c in coords]
+    rec_p = [torch.ones(T, len(c), dtype=dtype) for c in coords]
+    v2 = torch.zeros(n, dtype=dtype)  # Adam's second moment, for precondition = "adam"
     eval_steps = torch.tensor(sorted(set(range(0, T + 1, eval_every)) | {T}), dtype=torch.long)
     curv_steps = torch.arange(0, T, curvature_every, dtype=torch.long)
     true_loss = torch.full((len(eval_steps),), math.nan, dtype=torch.float64)
@@ -178,7 +197,17 @@ def rollout(
         batch_loss[t] = f_val
         xs[t], gs[t], fs[t] = x, g.detach(), f_val
         S, obs, mem = features.step(mem, t, x, gs[t], fs[t], need_state=controller.needs_states or record_states)
+        p = None
+        if pre:
+            v2 = 0.999 * v2 + 0.001 * gs[t] * gs[t]
+            p = ((v2 / (1 - 0.999 ** (t + 1))).sqrt() + 1e-8).sqrt()
+            if S is not None:
+                S_raw = S
+                S = torch.cat([p.unsqueeze(-1) * S, (S[:, features.grad_feature] / p).unsqueeze(-1)], dim=-1)
         a = controller.act(t, S if controller.needs_states else None, obs, noise_gen).detach().to(dtype)
+        u = a
+        if p is not None and controller.needs_states:
+            a = u / p
         if a.shape != (n,) or not bool(torch.isfinite(a).all()):
             diverged = True
             break
@@ -186,20 +215,23 @@ def rollout(
             xt = x.clone().requires_grad_(True)
             with torch.enable_grad():
                 (g_true,) = torch.autograd.grad(task.loss(unflatten(xt, groups), None), xt)
-            feat = S[:, features.grad_feature]
+            feat = (S_raw if pre else S)[:, features.grad_feature]
             for gi, s in enumerate(slices):
                 grad_moments[eval_pos[t], gi, 0] = float((g_true[s] * feat[s]).sum())
                 grad_moments[eval_pos[t], gi, 1] = float(feat[s].square().sum())
         for gi, (c, s) in enumerate(zip(flat_coords, slices)):
             if record_states:
                 rec_s[gi][t] = S[c]
-            rec_a[gi][t] = a[c]
+            rec_a[gi][t] = u[c]
             rec_o[gi][t] = obs[c]
-            action_rms[t, gi] = float(a[s].square().mean().sqrt())
+            if p is not None:
+                rec_p[gi][t] = p[c]
+            action_rms[t, gi] = float(u[s].square().mean().sqrt())
         if need_hvp:
             v = a
             if curvature_along == "mean" and getattr(controller, "last_mean", None) is not None:
                 v = controller.last_mean.to(dtype)
+                v = v / p if p is not None and controller.needs_states else v
             if curvature_batch == "independent":
                 xc = x.clone().requires_grad_(True)
                 with torch.enable_grad():
@@ -208,14 +240,15 @@ def rollout(
                     (hv,) = torch.autograd.grad(gc, xc, grad_outputs=v)
             else:
                 (hv,) = torch.autograd.grad(g, xg, grad_outputs=v)
+            w = v if p is None else v * p
             for gi, s in enumerate(slices):
-                den = float(v[s].square().sum())
+                den = float(w[s].square().sum())
                 curvature[curv_pos[t], gi] = float((v[s] * hv[s]).sum()) / den if den > 0 else math.nan
         x = x + a
     xs[T] = x
     return Rollout(seed, rec_s, rec_a, rec_o, coords, eval_steps, true_loss, batch_loss, curv_steps, curvature,
                    action_rms, diverged or not bool(torch.isfinite(true_loss).all()), grad_moments,
-                   (xs, gs, fs) if return_history else None)
+                   (xs, gs, fs) if return_history else None, rec_p)
 
 
 def seeded_rollout(task: Task, controller: Controller, kwargs: dict[str, Any], threads: int, seed: int) -> Rollout:
@@ -275,10 +308,13 @@ class LSTMController:
         return a
 
 
-def group_samples(samples: list[Rollout], group: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack the group's recorded coordinates of all trajectories as samples: states [N, T, 77],
-    actions [N, T, 1] (float64) and observations [N, T, 3] (float32), N = M·S."""
+def group_samples(samples: list[Rollout], group: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stack the group's recorded coordinates of all trajectories as samples: states [N, T, D],
+    actions [N, T, 1] (float64), observations [N, T, P] (float32) and action scales p [N, T, 1]
+    (float64), N = M·S."""
     S = torch.cat([r.states[group].transpose(0, 1) for r in samples]).to(DTYPE)
     A = torch.cat([r.actions[group].transpose(0, 1) for r in samples]).to(DTYPE).unsqueeze(-1)
     O = torch.cat([r.observations[group].transpose(0, 1) for r in samples]).to(torch.float32)
-    return S, A, O
+    Pc = torch.cat([(r.scales[group] if r.scales is not None else torch.ones_like(r.actions[group])).transpose(0, 1)
+                    for r in samples]).to(DTYPE).unsqueeze(-1)
+    return S, A, O, Pc

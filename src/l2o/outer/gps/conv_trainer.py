@@ -30,7 +30,8 @@ from l2o.features.conv2017 import STATE_DIM
 from l2o.features.sets import FeatureSet, get_feature_set
 from l2o.outer.gps.badmm import pi_covariance
 from l2o.outer.gps.conv_cost import curvature_profile, gradient_shrinkage, telescoped_cost
-from l2o.outer.gps.conv_env import GRAD_FEATURE, GroupLinearGaussianController, LSTMController, group_samples, rollout
+from l2o.outer.gps.conv_env import GRAD_FEATURE, PRECONDITIONERS, GroupLinearGaussianController, LSTMController
+from l2o.outer.gps.conv_env import group_samples, rollout
 from l2o.outer.gps.conv_env import seeded_rollout
 from l2o.outer.gps.dynamics import fit_dynamics
 from l2o.outer.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
@@ -65,7 +66,9 @@ class ConvGPSConfig(BADMMConfig):
     ``curvature_every`` steps, floored at ``curvature_floor`` × its mean, along the noisy step
     taken (``curvature_along = "step"``) or ψ's mean action (``"mean"``), on the step's own
     mini-batch (``curvature_batch = "same"``, biased upwards) or an independent one
-    (``"independent"``; see :func:`l2o.outer.gps.conv_env.rollout`). The π-step is ``pi_steps`` Adam
+    (``"independent"``; see :func:`l2o.outer.gps.conv_env.rollout`). ``precondition = "adam"`` gives ψ
+    the action u = p·a and the cost model a per-coordinate curvature κ·p² ∝ √v̂ (same function). The
+    π-step is ``pi_steps`` Adam
     steps of BPTT on ``pi_batch`` sequences (``pi_first_steps`` the first time); π is evaluated
     on ``eval_seeds`` held-out seeds, its true loss every ``eval_every`` steps.
     """
@@ -80,6 +83,7 @@ class ConvGPSConfig(BADMMConfig):
     curvature_floor: float = 0.05
     curvature_along: str = "step"
     curvature_batch: str = "same"
+    precondition: str = "none"
     pi_steps: int = 30
     pi_first_steps: int = 120
     pi_batch: int = 256
@@ -95,7 +99,8 @@ class ConvGPSConfig(BADMMConfig):
         super().__post_init__()
         self.require(ge1=("coords_per_group", "eval_seeds", "eval_every", "curvature_every", "threads", "pi_batch"),
                      ge0=("pi_steps", "pi_first_steps"), gt0=("init_gain", "init_noise", "curvature_floor"),
-                     choices={"curvature_batch": ("same", "independent"), "curvature_along": ("step", "mean")})
+                     choices={"curvature_batch": ("same", "independent"), "curvature_along": ("step", "mean"),
+                              "precondition": PRECONDITIONERS})
         self.check(self.horizon >= 2, "horizon must be >= 2")
 
 
@@ -132,7 +137,9 @@ class ConvSetting(Setting):
                  command: str | None) -> None:
         self.config, self.task, self.features, self.out = config, task, features, out
         self.progress, self.command = progress, command
-        self.T, self.D, self.d = config.horizon, features.state_dim, 1
+        pre = config.precondition != "none"
+        self.T, self.D, self.d = config.horizon, features.state_dim + int(pre), 1
+        self.cost_feature = features.state_dim if pre else features.grad_feature  # Φ2_0 (or g/p) in s_t
         try:
             self.init_index = features.state_index(config.init_direction)
         except ValueError as e:
@@ -151,7 +158,7 @@ class ConvSetting(Setting):
         setting's feature set and curvature measurement."""
         c = self.config
         return {**kwargs, "features": self.features, "curvature_along": c.curvature_along,
-                "curvature_batch": c.curvature_batch}
+                "curvature_batch": c.curvature_batch, "precondition": c.precondition}
 
     @property
     def pi_ready(self) -> bool:
@@ -191,26 +198,30 @@ class ConvSetting(Setting):
         psi_auc = sum(r.auc() for r in valid) / len(valid)
         problems = []
         for gi, g in enumerate(self.task.groups):
-            S, A, O = group_samples(valid, gi)
+            S, A, O, Pc = group_samples(valid, gi)
             rho = gradient_shrinkage(valid, gi, T)
-            cost = telescoped_cost(curvature_profile(valid, gi, T, c.curvature_floor), T, rho, D,
-                                   self.features.grad_feature)
+            cost = telescoped_cost(curvature_profile(valid, gi, T, c.curvature_floor), T, rho, D, self.cost_feature)
             sigma0 = torch.cov(S[:, 0].T) + 1e-8 * torch.eye(D, dtype=DTYPE)
-            problems.append(LocalProblem(S, O, fit_dynamics(S, A, ridge=c.dynamics_ridge), cost, S[:, 0].mean(0),
+            problems.append(LocalProblem(S, (O, Pc), fit_dynamics(S, A, ridge=c.dynamics_ridge), cost, S[:, 0].mean(0),
                                          sigma0, float(g.numel),
                                          {"group": g.name, "rho_mean": float(rho.mean()), "rho_last": float(rho[-1])}))
         return [Samples(psi_auc * T, problems, {
             "psi_auc": psi_auc, "psi_final": sum(float(r.true_loss[-1]) for r in valid) / len(valid),
             "psi_diverged": len(runs) - len(valid)})]
 
-    def pi_mean(self, obs: Tensor) -> Tensor:
-        return pi_means(self.net, obs)
+    def pi_mean(self, obs: tuple[Tensor, Tensor]) -> Tensor:
+        """μ^π in ψ's action space: u = p·a (p = 1 unless preconditioned)."""
+        O, Pc = obs
+        return pi_means(self.net, O) * Pc
 
     def fit_pi(self, it: int, problems: list[LocalProblem], targets: list[Tensor], weights: list[Tensor]) -> float:
         """Weighted regression of μ^π onto ψ's targets by BPTT; returns the final weighted RMS error
         relative to the targets' RMS (over all groups)."""
         c = self.config
-        obs = [p.obs for p in problems]
+        obs = [p.obs[0] for p in problems]
+        scales = [p.obs[1] for p in problems]
+        # ψ's targets and weights are in its action space u = p·a: in a, y/p with weights ·p².
+        targets = [y / Pc for y, Pc in zip(targets, scales)]
         if not self.normalised:
             allo = torch.cat([o.reshape(-1, o.shape[-1]) for o in obs])
             self.net["in_mean"] = allo.mean(0).to(self.net["in_mean"].dtype)
@@ -222,7 +233,7 @@ class ConvSetting(Setting):
         Y = torch.cat(targets).to(torch.float32).squeeze(-1)  # [N, T]
         # ν_t G_t⁻¹ per group, normalised to mean 1 within each group so the groups weigh alike.
         W = torch.cat([(w[:, 0, 0] / w[:, 0, 0].mean()).to(torch.float32).expand(o.shape[0], -1)
-                       for w, o in zip(weights, obs)])
+                       * Pc.squeeze(-1).square().to(torch.float32) for w, o, Pc in zip(weights, obs, scales)])
         params = {k: self.net[k].clone().requires_grad_(True) for k in psd.TRAINED_KEYS}
         fixed = {k: self.net[k] for k in psd.NET_KEYS if k not in psd.TRAINED_KEYS}
         opt = torch.optim.Adam(params.values(), lr=c.pi_lr)
