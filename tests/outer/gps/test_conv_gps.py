@@ -313,3 +313,16 @@ def test_preconditioned_conv_gps_regresses_pi_in_the_optimizers_action_space(tmp
     weights = [torch.ones(8, 1, 1, dtype=torch.float64)] * 2
     assert tr.setting.fit_pi(1, probs, targets, weights) < 1e-5
     assert tr.setting.fit_pi(1, probs, [y / Pc.mean() for y in targets], weights) > 1e-2  # a-space targets are not
+
+
+def test_discounted_telescoped_weights_are_geometric_sums():
+    T, gamma = 6, 0.7
+    cost = telescoped_cost(torch.ones(T, dtype=torch.float64), T, discount=gamma)
+    w = torch.tensor([sum(gamma ** k for k in range(T - 1 - t)) for t in range(T)], dtype=torch.float64)
+    torch.testing.assert_close(cost.C[:, 77, 77], w)
+    torch.testing.assert_close(telescoped_cost(torch.ones(T, dtype=torch.float64), T, discount=1.0).C[:, 77, 77],
+                               torch.arange(T - 1, -1, -1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="discount"):
+        telescoped_cost(torch.ones(T, dtype=torch.float64), T, discount=0.0)
+    with pytest.raises(ValueError, match="cost_discount"):
+        ConvGPSConfig(cost_discount=1.5)

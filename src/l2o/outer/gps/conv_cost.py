@@ -28,12 +28,14 @@ __all__ = ["curvature_profile", "gradient_shrinkage", "telescoped_cost"]
 
 
 def telescoped_cost(curvature: Tensor, horizon: int, rho: Tensor | None = None, state_dim: int = STATE_DIM,
-                    grad_feature: int = GRAD_FEATURE) -> QuadraticCost:
+                    grad_feature: int = GRAD_FEATURE, discount: float = 1.0) -> QuadraticCost:
     """c̃_t(s, a) = w_t (ρ_t Φ2_0·a + ½ h_t a²), w_t = T − 1 − t, over xu = [s (D); a (1)], with
     Φ2_0 = s[grad_feature] (D = 77 and Φ2_0 for the paper's state).
 
     ``curvature`` [T] is the group's h_t (> 0); ``rho`` [T] (default 1) the regression coefficient
-    of the true gradient on Φ2_0. See the module docstring for the derivation.
+    of the true gradient on Φ2_0. See the module docstring for the derivation. ``discount`` γ < 1
+    assumes a change of f made at step t persists only as γ^k k steps later (later steps of a
+    convergent optimizer partly make up for it): w_t = Σ_{k<T−1−t} γ^k = (1 − γ^{T−1−t})/(1 − γ).
     """
     T = int(horizon)
     h = torch.as_tensor(curvature, dtype=DTYPE)
@@ -44,7 +46,11 @@ def telescoped_cost(curvature: Tensor, horizon: int, rho: Tensor | None = None, 
         raise ValueError(f"rho must be [T] = [{T}] and finite")
     D = int(state_dim)
     m = D + 1
+    if not 0 < discount <= 1:
+        raise ValueError(f"discount must be in (0, 1], got {discount}")
     w = (T - 1 - torch.arange(T, dtype=DTYPE))
+    if discount < 1:
+        w = (1 - discount ** w) / (1 - discount)
     C = torch.zeros(T, m, m, dtype=DTYPE)
     C[:, grad_feature, D] = w * r  # ½ xuᵀCxu holds w·ρ·Φ2_0·a through both off-diagonal entries
     C[:, D, grad_feature] = w * r

@@ -67,7 +67,8 @@ class ConvGPSConfig(BADMMConfig):
     taken (``curvature_along = "step"``) or ψ's mean action (``"mean"``), on the step's own
     mini-batch (``curvature_batch = "same"``, biased upwards) or an independent one
     (``"independent"``; see :func:`l2o.outer.gps.conv_env.rollout`). ``precondition = "adam"`` gives ψ
-    the action u = p·a and the cost model a per-coordinate curvature κ·p² ∝ √v̂ (same function). The
+    the action u = p·a and the cost model a per-coordinate curvature κ·p² ∝ √v̂ (same function);
+    ``cost_discount`` γ < 1 discounts the telescoped weights (:func:`~l2o.outer.gps.conv_cost.telescoped_cost`). The
     π-step is ``pi_steps`` Adam
     steps of BPTT on ``pi_batch`` sequences (``pi_first_steps`` the first time); π is evaluated
     on ``eval_seeds`` held-out seeds, its true loss every ``eval_every`` steps.
@@ -84,6 +85,7 @@ class ConvGPSConfig(BADMMConfig):
     curvature_along: str = "step"
     curvature_batch: str = "same"
     precondition: str = "none"
+    cost_discount: float = 1.0
     pi_steps: int = 30
     pi_first_steps: int = 120
     pi_batch: int = 256
@@ -102,6 +104,7 @@ class ConvGPSConfig(BADMMConfig):
                      choices={"curvature_batch": ("same", "independent"), "curvature_along": ("step", "mean"),
                               "precondition": PRECONDITIONERS})
         self.check(self.horizon >= 2, "horizon must be >= 2")
+        self.check(0 < self.cost_discount <= 1, f"cost_discount must be in (0, 1], got {self.cost_discount!r}")
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -200,7 +203,8 @@ class ConvSetting(Setting):
         for gi, g in enumerate(self.task.groups):
             S, A, O, Pc = group_samples(valid, gi)
             rho = gradient_shrinkage(valid, gi, T)
-            cost = telescoped_cost(curvature_profile(valid, gi, T, c.curvature_floor), T, rho, D, self.cost_feature)
+            cost = telescoped_cost(curvature_profile(valid, gi, T, c.curvature_floor), T, rho, D, self.cost_feature,
+                                   c.cost_discount)
             sigma0 = torch.cov(S[:, 0].T) + 1e-8 * torch.eye(D, dtype=DTYPE)
             problems.append(LocalProblem(S, (O, Pc), fit_dynamics(S, A, ridge=c.dynamics_ridge), cost, S[:, 0].mean(0),
                                          sigma0, float(g.numel),
