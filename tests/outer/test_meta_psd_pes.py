@@ -153,3 +153,17 @@ def test_cli_meta_train_and_resume(tmp_path, monkeypatch) -> None:
                      "--resume", "--quiet"]) == 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 5
     assert (out / "psd-pes.safetensors").is_file() and (out / "psd-pes.json").is_file()
+
+
+def test_packaged_psd_pes_policy_is_registered() -> None:
+    import l2o
+    from l2o.baselines.registry import optimizer_names
+    from l2o.learned.psd import PES_CHECKPOINT
+
+    assert "psd-pes" in optimizer_names(learned=True)
+    x = torch.zeros(5, requires_grad=True)
+    opt = l2o.make_optimizer("psd-pes", [x])
+    assert opt.checkpoint == str(PES_CHECKPOINT) and opt.features.name == "scale-free"
+    x.grad = torch.ones(5)
+    opt.step(loss=torch.tensor(1.0))
+    assert torch.isfinite(x).all() and not torch.equal(x.detach(), torch.zeros(5))

@@ -469,3 +469,14 @@ def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
 
 
 register_optimizer(OptimizerEntry("psd", "PSD", _factory, defaults={"checkpoint": "default"}, learned=True))
+
+PES_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-pes.safetensors"
+"""The packaged PSD policy meta-trained by Persistent ES (``l2o meta-train psd-pes``; issue 12)."""
+
+
+def _pes_factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    checkpoint = hp.get("checkpoint")
+    return PredictedStepDescent(params, checkpoint=PES_CHECKPOINT if checkpoint in (None, "default") else checkpoint)
+
+
+register_optimizer(OptimizerEntry("psd-pes", "PSD (PES)", _pes_factory, defaults={"checkpoint": "default"}, learned=True))
