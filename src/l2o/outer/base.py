@@ -190,3 +190,30 @@ def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta
     finally:
         bar.close()
     return OuterRunResult(trainer.theta.detach().clone(), len(log), log, ckpt, log_path, wall)
+
+
+def cli_meta_train(args: Any, name: str, config_cls: Any, meta_train: Callable[..., OuterRunResult],
+                   policy_name: str) -> int:
+    """``l2o meta-train NAME --config FILE --out DIR [--iterations N] [--data-dir DIR] [--resume]`` for a
+    run_outer-based trainer (``--iterations`` overrides the config's outer-step budget ``steps``);
+    prints the budget, wall time, recent meta-loss and the files written."""
+    import shlex
+
+    overrides = {"data_dir": args.data_dir, "steps": args.iterations}
+    if args.config:
+        config = config_cls.from_file(Path(args.config), **overrides)
+    else:
+        config = config_cls.from_dict({k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out or f"runs/meta-train-{name}")
+    words = ["l2o", "meta-train", name] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
+    if args.iterations is not None:
+        words += ["--iterations", str(args.iterations)]
+    if args.data_dir:
+        words += ["--data-dir", args.data_dir]
+    result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
+    tail = [r["meta_loss"] for r in result.log[-100:] if r.get("meta_loss") is not None]
+    print(f"outer steps: {result.steps}  wall: {result.wall_s:.1f} s  "
+          f"meta-loss (mean of last {len(tail)}): {sum(tail) / max(1, len(tail)):.4f}")
+    for label, path in (("checkpoint", result.checkpoint), ("weights", out / policy_name), ("log", result.log_file)):
+        print(f"{label}: {path}")
+    return 0

@@ -21,7 +21,7 @@ import torch
 from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.learned.mlp_lopt import (MLPLOptArch, flat_to_theta, init_theta, load_policy, save_policy,
                                   theta_to_flat)
-from l2o.outer.base import OuterRunResult, config_resume_check, run_outer
+from l2o.outer.base import cli_meta_train, OuterRunResult, config_resume_check, run_outer
 from l2o.outer.lopt import MLPLOptMixture, MLPLOptProblem
 from l2o.outer.pes import PESConfig, PESTrainer, centred_ranks
 
@@ -236,25 +236,5 @@ def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: boo
 
 
 def cli_run(args: Any) -> int:
-    """``l2o meta-train mlp-lopt --config FILE --out DIR [--iterations N] [--data-dir DIR] [--resume]``
-    (``--iterations`` overrides the config's outer-step budget ``steps``)."""
-    import shlex
-
-    overrides = {"data_dir": args.data_dir, "steps": args.iterations}
-    if args.config:
-        config = MetaMLPLOptConfig.from_file(Path(args.config), **overrides)
-    else:
-        config = MetaMLPLOptConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
-    out = Path(args.out or "runs/meta-train-mlp-lopt")
-    words = ["l2o", "meta-train", "mlp-lopt"] + (["--config", args.config] if args.config else []) + ["--out", str(out)]
-    if args.iterations is not None:
-        words += ["--iterations", str(args.iterations)]
-    if args.data_dir:
-        words += ["--data-dir", args.data_dir]
-    result = meta_train(config, out, resume=args.resume, progress=not args.quiet, command=shlex.join(words))
-    tail = [r["meta_loss"] for r in result.log[-100:] if r.get("meta_loss") is not None]
-    print(f"outer steps: {result.steps}  wall: {result.wall_s:.1f} s  "
-          f"meta-loss (mean of last {len(tail)}): {sum(tail) / max(1, len(tail)):.4f}")
-    for name, path in (("checkpoint", result.checkpoint), ("weights", out / POLICY_NAME), ("log", result.log_file)):
-        print(f"{name}: {path}")
-    return 0
+    """``l2o meta-train mlp-lopt``: :func:`l2o.outer.base.cli_meta_train` with this trainer."""
+    return cli_meta_train(args, "mlp-lopt", MetaMLPLOptConfig, meta_train, POLICY_NAME)
