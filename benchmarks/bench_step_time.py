@@ -16,7 +16,7 @@ stacked gate weights per LSTM layer, and the output layer) over the same number 
 on preallocated buffers at the best of several row chunkings, timed in the same loop. Usage:
 
     python benchmarks/bench_step_time.py [--task mnist:48-48:b64] [--steps 200] [--data-dir DIR]
-        [--learned mlp-lopt psd ...] [--learned-steps 50] [--big-steps 20] [--skip-baselines]
+        [--learned mlp-lopt psd ...] [--learned-steps 50] [--big-steps 20] [--nets small big] [--skip-baselines]
 """
 
 from __future__ import annotations
@@ -148,14 +148,19 @@ def interleaved_times(task, specs: dict, steps: int, warmup: int = 3, seed: int 
     return out
 
 
-def learned_table(names: list[str], steps: int, big_steps: int) -> None:
+NETS = {"small": (48, 48), "big": (784, 1250)}
+"""The two nets of the learned-optimizer table: (inputs, hidden units); 10 classes."""
+
+
+def learned_table(names: list[str], steps: int, big_steps: int, nets: tuple[str, ...] = tuple(NETS)) -> None:
     """Per-iteration cost × Adam of learned optimizers on the 48-48-10 and ~1M-parameter nets."""
     tuned = load_tuned()
     print(f"\nlearned optimizers vs Adam ({tuned.spec('adam')}), batch 64, 1 thread, interleaved, medians")
     print("| model | parameters | iters | optimizer | Adam ms/iter | ms/iter | × Adam (iteration) "
           "| Adam step ms | step ms | × Adam (step only) | floor ms (chunk) | step ÷ floor |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for inputs, hidden, n_steps in ((48, 48, steps), (784, 1250, big_steps)):
+    for net in nets:
+        (inputs, hidden), n_steps = NETS[net], steps if net == "small" else big_steps
         task = synthetic_task(inputs, hidden)
         for name in names:
             spec = parse_optimizer(name)
@@ -179,11 +184,13 @@ def main() -> None:
     ap.add_argument("--learned", nargs="*", default=["mlp-lopt"], help="learned optimizers for the second table")
     ap.add_argument("--learned-steps", type=int, default=50, help="timed iterations on the 48-48-10 net")
     ap.add_argument("--big-steps", type=int, default=20, help="timed iterations on the ~1M-parameter net")
+    ap.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS),
+                    help="nets of the learned-optimizer table: small = 48-48-10, big = 784-1250-10")
     ap.add_argument("--skip-baselines", action="store_true", help="only the learned-optimizer table")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.skip_baselines:
-        learned_table(args.learned, args.learned_steps, args.big_steps)
+        learned_table(args.learned, args.learned_steps, args.big_steps, tuple(args.nets))
         return
     task = make_task(args.task, data_dir=args.data_dir)
     tuned = load_tuned()
@@ -195,7 +202,7 @@ def main() -> None:
         t = time_per_step(task, spec, args.steps)
         print(f"{name:12s} {t * 1e3:9.3f} {t / ref:8.2f}")
     if args.learned:
-        learned_table(args.learned, args.learned_steps, args.big_steps)
+        learned_table(args.learned, args.learned_steps, args.big_steps, tuple(args.nets))
 
 
 if __name__ == "__main__":

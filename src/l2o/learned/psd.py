@@ -316,72 +316,101 @@ class PredictedStepDescent(torch.optim.Optimizer):
         if not math.isfinite(f_value):
             raise FloatingPointError(f"PredictedStepDescent: the mini-batch loss is {f_value}")
 
-        # First pass: observations for every parameter, all checked before anything moves.
-        work = []
-        for gi, pi, p in params_with_grad(self, "PredictedStepDescent"):
-            g = p.grad.reshape(-1)
-            state = self.state[p] if p in self.state else {}  # not created before every check passed
-            x = p.detach().reshape(-1)
-            ft = f.to(dtype=p.dtype, device=p.device).reshape(())
-            mem = None
-            if self.features is None:  # the paper's Ψ (3 features)
-                obs = observation_step(ft, state.get("f_prev"), g, state.get("g_prev"),
-                                       x, state.get("x_prev"), state.get("x_prev2"))
-            else:  # a named feature set, its O(n) memory kept as state["feat.*"] tensors
-                old = {k[5:]: v for k, v in state.items() if k.startswith("feat.")} or \
-                    self.features.init(x.numel(), 0, p.dtype)
-                _, obs, mem = self.features.step(old, int(state.get("step", 0)), x, g, ft, need_state=False)
-            work.append((p, (gi, pi), state, x, g, ft, obs, mem))
+        # Per (dtype, device): all coordinates in one flat [N] iterate/gradient and one [N, P] Ψ, every
+        # check done before any state changes or any parameter moves.
+        work = list(params_with_grad(self, "PredictedStepDescent"))
         if not work:
             return loss
-
-        # All coordinates of one (dtype, device) in one [N, P] matrix; everything checked before any state changes.
-        kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for k, item in enumerate(work):
-            kinds.setdefault((item[0].dtype, item[0].device), []).append(k)
-        batches = []
-        for (dtype, device), ks in kinds.items():
-            items = [work[k] for k in ks]
-            grads = torch.cat([it[4] for it in items]) if len(items) > 1 else items[0][4]
-            if not torch.isfinite(grads).all():
-                bad = next(it for it in items if not torch.isfinite(it[4]).all())
-                raise FloatingPointError(f"PredictedStepDescent: the gradient of {self._where(bad)} has NaN/inf entries")
-            obs = torch.cat([it[6] for it in items]) if len(items) > 1 else items[0][6].contiguous()
+        kinds: dict[tuple[torch.dtype, torch.device], list[tuple[int, int, Tensor]]] = {}
+        for item in work:
+            kinds.setdefault((item[2].dtype, item[2].device), []).append(item)
+        plans = []
+        for (dtype, device), items in kinds.items():
+            ps = [p for _, _, p in items]
+            states = [self.state[p] if p in self.state else {} for p in ps]  # created only after every check
+            sizes = [p.numel() for p in ps]
+            x = torch.cat([p.detach().reshape(-1) for p in ps])  # a copy: x⁽ᵗ⁾ outlives the step
+            g = torch.cat([p.grad.reshape(-1) for p in ps])
+            if not torch.isfinite(g).all():
+                bad = next(i for i, gi in enumerate(g.split(sizes)) if not torch.isfinite(gi).all())
+                raise FloatingPointError(f"PredictedStepDescent: the gradient of {_where(items[bad])} has NaN/inf entries")
+            ft = f.to(dtype=dtype, device=device).reshape(()).clone()
+            obs, mems = self._observe(states, sizes, x, g, ft)
             if not torch.isfinite(obs).all():
-                bad = next(it for it in items if not torch.isfinite(it[6]).all())
-                st = bad[2]
+                bad = next(i for i, o in enumerate(obs.split(sizes)) if not torch.isfinite(o).all())
+                prev = states[bad].get("f_prev", states[bad].get("feat.f_prev"))
                 raise FloatingPointError(
-                    f"PredictedStepDescent: the observation Ψ of {self._where(bad)} is not finite "
-                    f"(previous mini-batch loss {float(st['f_prev']) if 'f_prev' in st else None}, "
-                    f"current {f_value})")
-            batches.append((dtype, device, ks, items, obs))
+                    f"PredictedStepDescent: the observation Ψ of {_where(items[bad])} is not finite "
+                    f"(previous mini-batch loss {None if prev is None else float(prev)}, current {f_value})")
+            plans.append((dtype, device, items, sizes, obs, mems))
 
         # One fused LSTM pass per (dtype, device) over row chunks; steps are views into one flat buffer.
-        deltas: list[Tensor] = [torch.empty(0)] * len(work)
-        for dtype, device, ks, items, obs in batches:
-            h, c = self._hidden_for([it[0] for it in items], [self.state[it[0]] for it in items], dtype, device)
+        steps = []
+        for dtype, device, items, sizes, obs, mems in plans:
+            ps = [p for _, _, p in items]
+            h, c = self._hidden_for(ps, [self.state[p] for p in ps], dtype, device)
             delta = self._delta_buf(obs.shape[0], dtype, device)
             self._fused_for(dtype, device).step_(h, c, obs, delta, CHUNK_ROWS)
-            sizes = [it[3].numel() for it in items]
             if not torch.isfinite(delta).all():
-                bad = next(it for it, d in zip(items, delta.split(sizes)) if not torch.isfinite(d).all())
-                raise FloatingPointError(f"PredictedStepDescent: the policy's step for {self._where(bad)} is not finite")
-            for k, d in zip(ks, delta.split(sizes)):
-                deltas[k] = d
+                bad = next(i for i, d in enumerate(delta.split(sizes)) if not torch.isfinite(d).all())
+                raise FloatingPointError(f"PredictedStepDescent: the policy's step for {_where(items[bad])} is not finite")
+            steps.append((ps, delta.split(sizes), mems))
 
-        for (p, _, _, x, g, ft, obs, mem), delta in zip(work, deltas):
-            state = self.state[p]
-            if mem is not None:
-                state.update({f"feat.{k}": v for k, v in mem.items()})
-            else:
-                if "x_prev" in state:
-                    state["x_prev2"] = state["x_prev"]
-                state["x_prev"] = x.clone()
-                state["g_prev"] = g.clone()
-                state["f_prev"] = ft.clone()
-            p.add_(delta.view_as(p))
-            state["step"] += 1
+        for ps, deltas, mems in steps:
+            for p, d, mem in zip(ps, deltas, mems):
+                state = self.state[p]
+                state.update(mem)
+                p.add_(d.view_as(p))
+                state["step"] += 1
         return loss
+
+    def _observe(self, states: list[dict[str, Any]], sizes: list[int], x: Tensor, g: Tensor,
+                 ft: Tensor) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """Ψ_t [N, P] for the parameters of one (dtype, device), whose iterates and gradients are
+        concatenated in ``x``, ``g`` [N], and each one's new memory entries (views into one flat
+        buffer). Parameters at the same point of their history (step count, and the same previous
+        loss) share one feature computation — normally all of them; a parameter that missed steps
+        (no gradient) forms its own bucket."""
+        buckets: dict[tuple, list[int]] = {}
+        for i, st in enumerate(states):
+            key = (st.get("step", 0), id(st.get("feat.f_prev"))) if self.features is not None else \
+                ("x_prev" in st, "x_prev2" in st, id(st.get("f_prev")))
+            buckets.setdefault(key, []).append(i)
+        if len(buckets) == 1:
+            return self._observe_bucket(states, sizes, x, g, ft)
+        obs = torch.empty(x.numel(), self._net["W_ih"].shape[1], dtype=x.dtype, device=x.device)
+        mems: list[dict[str, Tensor]] = [{}] * len(states)
+        xs, gs, rows = x.split(sizes), g.split(sizes), obs.split(sizes)
+        for idx in buckets.values():
+            o, ms = self._observe_bucket([states[i] for i in idx], [sizes[i] for i in idx],
+                                         torch.cat([xs[i] for i in idx]), torch.cat([gs[i] for i in idx]), ft)
+            for i, oi, m in zip(idx, o.split([sizes[i] for i in idx]), ms):
+                rows[i].copy_(oi)
+                mems[i] = m
+        return obs, mems
+
+    def _observe_bucket(self, states: list[dict[str, Any]], sizes: list[int], x: Tensor, g: Tensor,
+                        ft: Tensor) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """Ψ_t and the new memories of parameters that share their point in history (see :meth:`_observe`)."""
+        first = states[0]
+
+        def cat(key: str) -> Tensor | None:
+            if key not in first:
+                return None
+            return first[key] if first[key].dim() == 0 or len(states) == 1 else torch.cat([s[key] for s in states])
+
+        if self.features is None:  # the paper's Ψ (3 features) from x⁽ᵗ⁻¹⁾, x⁽ᵗ⁻²⁾, ∇f̂⁽ᵗ⁻¹⁾, f̂⁽ᵗ⁻¹⁾
+            obs = observation_step(ft, first.get("f_prev"), g, cat("g_prev"), x, cat("x_prev"), cat("x_prev2"))
+            mems = [{"x_prev": xi, "g_prev": gi, "f_prev": ft} for xi, gi in zip(x.split(sizes), g.split(sizes))]
+            for st, m in zip(states, mems):
+                if "x_prev" in st:
+                    m["x_prev2"] = st["x_prev"]
+            return obs, mems
+        # a named feature set, its O(n) memory kept as state["feat.*"] tensors
+        old = {k[5:]: cat(k) for k in first if k.startswith("feat.")} or self.features.init(x.numel(), 0, x.dtype)
+        _, obs, new = self.features.step(old, int(first.get("step", 0)), x, g, ft, need_state=False)
+        parts = {k: v.split(sizes) if v.dim() > 0 else [v] * len(sizes) for k, v in new.items()}
+        return obs, [{f"feat.{k}": parts[k][i] for k in parts} for i in range(len(sizes))]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the loaded state tensors are copies: the LSTM state is updated in place
@@ -391,11 +420,6 @@ class PredictedStepDescent(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, Tensor):
                     st[k] = v.clone()
-
-    @staticmethod
-    def _where(item: tuple) -> str:
-        gi, pi = item[1]
-        return f"parameter {pi} of param group {gi} (shape {tuple(item[0].shape)})"
 
     def _fused_for(self, dtype: torch.dtype, device: torch.device) -> FusedPolicy:
         key = (dtype, device)
@@ -446,6 +470,11 @@ class PredictedStepDescent(torch.optim.Optimizer):
             off += n
         self._flat[key] = (h, c, sizes)
         return h, c
+
+
+def _where(item: tuple[int, int, Tensor]) -> str:
+    gi, pi, p = item
+    return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
 
 
 def _features_of(path: Path, net: dict[str, Tensor], meta: dict[str, Any]) -> FeatureSet | None:
