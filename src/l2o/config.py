@@ -21,8 +21,8 @@ def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
 
 def check_field_types(obj: Any, what: str) -> None:
     """Raise ``ValueError`` naming the first field of dataclass ``obj`` whose value does not match its
-    annotation: ``int`` (not bool), ``float`` (finite; ints accepted), ``bool``, ``str`` (non-empty)
-    and ``str | None``. Other annotations are left to the caller."""
+    annotation: ``int`` (not bool), ``float`` (finite; ints accepted), ``bool``, ``str`` (non-empty),
+    ``str | None`` and ``float | None``. Other annotations are left to the caller."""
     import math
 
     for f in fields(obj):
@@ -38,6 +38,8 @@ def check_field_types(obj: Any, what: str) -> None:
             ok = isinstance(v, str) and v != ""
         elif t in ("str | None", "Optional[str]"):
             ok = v is None or isinstance(v, str)
+        elif t in ("float | None", "Optional[float]"):
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
         else:
             continue
         if not ok:
@@ -86,11 +88,13 @@ class Config:
 
     def require(self, ge0: tuple[str, ...] = (), ge1: tuple[str, ...] = (), gt0: tuple[str, ...] = (),
                 choices: dict[str, tuple[str, ...]] | None = None) -> None:
-        """Each named field ≥ 0, ≥ 1 or > 0, or one of its allowed values."""
+        """Each named field ≥ 0, ≥ 1 or > 0 (None, where a field allows it, passes), or one of its
+        allowed values."""
         for names, ok, what in ((ge0, lambda v: v >= 0, ">= 0"), (ge1, lambda v: v >= 1, ">= 1"),
                                 (gt0, lambda v: v > 0, "> 0")):
             for n in names:
-                self.check(ok(getattr(self, n)), f"{n} must be {what}, got {getattr(self, n)!r}")
+                v = getattr(self, n)
+                self.check(v is None or ok(v), f"{n} must be {what}, got {v!r}")
         for n, allowed in (choices or {}).items():
             self.check(getattr(self, n) in allowed, f"{n} must be one of {allowed}, got {getattr(self, n)!r}")
 

@@ -21,7 +21,7 @@ import abc
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,19 +107,34 @@ def read_log(path: Path, steps: int) -> list[dict[str, Any]]:
     return lines[:steps]
 
 
-def config_resume_check(out: str | os.PathLike, config: Mapping[str, Any],
-                        may_change: frozenset[str] | set[str]) -> Callable[[Mapping[str, Any]], None]:
-    """A ``resume_check`` for :func:`run_outer`: rejects resuming ``out`` when a field of ``config``
-    (a dataclass as a dict) other than ``may_change`` differs from the checkpoint's ``meta['config']``."""
+def config_resume_check(out: str | os.PathLike, config: Mapping[str, Any], may_change: Collection[str],
+                        defaults: Mapping[str, Any] | None = None) -> Callable[[Mapping[str, Any]], None]:
+    """A ``resume_check`` for :func:`run_outer`: rejects (:class:`CheckpointError`) resuming ``out``
+    when a field of ``config`` (a dataclass as a dict) other than ``may_change`` differs from the
+    checkpoint's ``meta['config']``; a field the checkpoint lacks (added since) counts as its value
+    in ``defaults``."""
 
     def check(saved: Mapping[str, Any]) -> None:
-        old = saved.get("config", {})
+        old = {**(defaults or {}), **saved.get("config", {})}
         diff = sorted(k for k in config if k not in may_change and old.get(k) != config[k])
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in diff)
-            raise ValueError(f"cannot resume {out}: config differs from the checkpoint's ({detail})")
+            raise CheckpointError(f"cannot resume {out}: config differs from the checkpoint's ({detail}); continue "
+                                  "it with the same config, or start a run with a different config in a new folder")
 
     return check
+
+
+def restore(trainer: OuterTrainer, ckpt: Path, resume_check: Callable[[Mapping[str, Any]], None] | None = None
+            ) -> Mapping[str, Any]:
+    """Load checkpoint ``ckpt`` (of ``trainer.kind``) into ``trainer``, after ``resume_check`` of its
+    meta; returns the meta."""
+    tensors, saved = load_checkpoint(ckpt, kind=trainer.kind)
+    if resume_check is not None:
+        resume_check(saved)
+    trainer.load_state_tensors(tensors)
+    trainer.load_state_meta(saved)
+    return saved
 
 
 def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta: Mapping[str, Any],
@@ -147,11 +162,7 @@ def run_outer(trainer: OuterTrainer, out: str | os.PathLike, steps: int, *, meta
         raise CheckpointError(f"cannot resume: checkpoint {ckpt} not found")
     done, wall = 0, 0.0
     if resume:
-        tensors, saved = load_checkpoint(ckpt, kind=trainer.kind)
-        if resume_check is not None:
-            resume_check(saved)
-        trainer.load_state_tensors(tensors)
-        trainer.load_state_meta(saved)
+        saved = restore(trainer, ckpt, resume_check)
         done, wall = int(saved["step"]), float(saved["wall_s"])
         if done > steps:
             raise ValueError(f"cannot resume {ckpt}: it already holds {done} steps > the budget of {steps}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -42,3 +44,13 @@ class GPSIterationError(GPSError):
         self.iteration, self.stage, self.t = iteration, stage, t
         where = f"GPS iteration {iteration}, {stage}" + (f", t={t}" if t is not None else "")
         super().__init__(f"{where}: {message}")
+
+    @staticmethod
+    @contextmanager
+    def raised_in(iteration: int, stage: str) -> Iterator[None]:
+        """Turn a ``ValueError``/``RuntimeError`` of the block into this error for ``stage`` (with
+        the original's time step ``t`` if it has one)."""
+        try:
+            yield
+        except (ValueError, RuntimeError) as e:
+            raise GPSIterationError(iteration, stage, str(e), t=getattr(e, "t", None)) from e

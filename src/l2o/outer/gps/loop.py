@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2o.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from l2o.checkpoint import CheckpointError, rng_state, set_rng_state
 from l2o.config import Config, check_field_types
 from l2o.execution import Executor
-from l2o.outer.base import CHECKPOINT_NAME, LOG_NAME, OuterTrainer, read_log, run_outer
+from l2o.outer.base import CHECKPOINT_NAME, LOG_NAME, OuterTrainer, config_resume_check, read_log, restore, run_outer
 
 from .badmm import dual_step, kl_psi_pi, pi_covariance, pi_targets, update_epsilon, update_nu
 from .cost import QuadraticCost
@@ -295,17 +295,15 @@ class GPSLoop(OuterTrainer):
         # buffers, which would break bit-exact resume.
         self._loaded = {k: v.clone() for k, v in tensors.items()}
 
-    def load_state_meta(self, meta: Mapping[str, Any],
-                        may_change: tuple[str, ...] = ("iterations", "progress", "data_dir")) -> None:
-        """Restore the loop from the loaded tensors and ``meta``. The saved config must equal this
-        loop's except ``may_change`` (keys added since it was written take their defaults), and its
-        sizes the setting's."""
+    def _config_check(self) -> Callable[[Mapping[str, Any]], None]:
+        """Resuming needs the saved config to equal this loop's except the budget, the progress bar
+        and the data folder (keys added since it was written take their defaults)."""
+        return config_resume_check(self.out, self.config.to_dict(), ("iterations", "progress", "data_dir"),
+                                   type(self.config)().to_dict())
+
+    def load_state_meta(self, meta: Mapping[str, Any]) -> None:
+        """Restore the loop from the loaded tensors and ``meta`` (whose sizes must be the setting's)."""
         path, tensors = self.out / CHECKPOINT_NAME, self._loaded
-        old, new, defaults = meta["config"], self.config.to_dict(), type(self.config)().to_dict()
-        diff = sorted(k for k in new if k not in may_change and old.get(k, defaults[k]) != new[k])
-        if diff:
-            raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)}); "
-                                  "use a new output folder or the same config")
         s = self.setting
         if meta["dims"] != [s.T, s.D, s.d] or len(meta["conditions"]) != s.n_conditions:
             raise CheckpointError(f"checkpoint {path} has {len(meta['conditions'])} conditions of (T, D, d) = "
@@ -329,9 +327,7 @@ class GPSLoop(OuterTrainer):
         path = self.out / CHECKPOINT_NAME
         if not path.exists():
             return False
-        tensors, meta = load_checkpoint(path, self.kind)
-        self.load_state_tensors(tensors)
-        self.load_state_meta(meta)
+        restore(self, path, self._config_check())
         self.logs = read_log(self.out / LOG_NAME, self.iteration)
         return True
 
@@ -349,7 +345,7 @@ class GPSLoop(OuterTrainer):
 
         result = run_outer(self, self.out, self.config.iterations, meta={}, resume=(self.out / CHECKPOINT_NAME).exists(),
                            max_new=stop_after, progress=self.progress, desc=f"GPS ({self.setting.name})",
-                           on_checkpoint=each)
+                           on_checkpoint=each, resume_check=self._config_check())
         self.logs = result.log
         return self.logs
 
@@ -374,10 +370,8 @@ class GPSLoop(OuterTrainer):
         t_bad = first_nonfinite_t(pi_mean_old)
         if t_bad is not None:
             raise GPSIterationError(it, stage + "π̂ fit", "π's mean action is not finite on ψ's samples", t=t_bad)
-        try:
+        with GPSIterationError.raised_in(it, stage + "π̂ fit"):
             pi_fit = fit_linear_gaussian_policy(prob.X, pi_mean_old, cov=u.pi_cov.expand(T, s.d, s.d))
-        except (ValueError, RuntimeError) as e:
-            raise GPSIterationError(it, stage + "π̂ fit", str(e)) from e
         badmm = {"lambda_": u.lam, "nu": u.nu, "pi_fit": pi_fit} if s.pi_ready else {}
         t0 = time.perf_counter()
         out: dict[str, Any] = {"pi_mean_old": pi_mean_old, "model_old": 0.0, "model_new": 0.0}

@@ -63,11 +63,9 @@ class GPSConfig(BADMMConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require(ge0=("eval_samples", "pi_epochs", "pi_batch_size", "prior_strength", "cost_ridge", "cost_window"),
-                     ge1=("prior_components", "prior_iterations"), gt0=("init_noise",),
+                     ge1=("prior_components", "prior_iterations"), gt0=("init_noise", "cost_action_floor"),
                      choices={"prior": ("gaussian", "gmm", "none"), "dynamics_model": ("fit", "local"),
                               "cost_model": ("auto", "exact", "fit")})
-        self.check(self.cost_action_floor is None or (isinstance(self.cost_action_floor, (int, float))
-                                                      and self.cost_action_floor > 0), "cost_action_floor must be None or > 0")
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
@@ -143,7 +141,7 @@ class ConditionSetting(Setting):
             raise GPSIterationError(it, stage + "sampling", f"only {traj.n_valid} of {raw.n} trajectories from ψ "
                                     f"are finite (need {c.min_valid}); ψ diverges")
         X, U = traj.states, traj.actions
-        try:
+        with GPSIterationError.raised_in(it, stage + "dynamics fit"):
             if c.prior != "none":
                 u.prior_buffer = (u.prior_buffer + [pooled_transitions(X, U)[0]])[-c.prior_iterations:]
             if c.dynamics_model == "local":
@@ -153,12 +151,8 @@ class ConditionSetting(Setting):
                 dyn = local_dyn(traj)
             else:
                 dyn = fit_dynamics(X, U, prior=self._prior(u.prior_buffer, it), ridge=c.dynamics_ridge)
-        except (ValueError, RuntimeError) as e:
-            raise GPSIterationError(it, stage + "dynamics fit", str(e), t=getattr(e, "t", None)) from e
-        try:
+        with GPSIterationError.raised_in(it, stage + "cost model"):
             cost = self._cost_model(env, traj)
-        except (ValueError, RuntimeError) as e:
-            raise GPSIterationError(it, stage + "cost model", str(e), t=getattr(e, "t", None)) from e
         mu0 = X[:, 0].mean(0)
         xc = X[:, 0] - mu0
         sigma0 = xc.T @ xc / traj.n + 1e-6 * torch.eye(self.D, dtype=DTYPE)
