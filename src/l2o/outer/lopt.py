@@ -27,6 +27,25 @@ SEED_BASE = 1_000_000
 """Optimizee x₀ seeds used in meta-training are drawn from [SEED_BASE, 2³¹)."""
 
 
+Bounds = list[tuple[str, tuple[int, ...], int, int]]
+"""Per coordinate group of a task: its name, shape and [start, end) in the flat iterate."""
+
+
+def branch_value_and_grad(task: Task, bounds: Bounds, x: Tensor, gen: torch.Generator
+                          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """For iterates ``x`` [2, N, n] of N antithetic pairs: draws one with-replacement mini-batch per
+    pair (shared by its two branches) and returns x as [2N, n], the losses [2N] and the gradients by
+    group name, each [2N, *shape]."""
+    two, N = x.shape[0], x.shape[1]
+    M = two * N
+    idx = torch.randint(0, task.num_examples, (N, task.batch_size), generator=gen)
+    idx = idx.unsqueeze(0).expand(two, -1, -1).reshape(M, -1)
+    x = x.reshape(M, task.dim)
+    params = {name: x[:, a:b].reshape(M, *shape) for name, shape, a, b in bounds}
+    loss, grads = batched_value_and_grad(task, params, idx)
+    return x, loss, grads
+
+
 class MLPLOptProblem:
     """Runs of ``mlp-lopt`` with θ [D] on ``task`` (any :class:`Task` whose loss vmaps)."""
 
@@ -66,11 +85,7 @@ class MLPLOptProblem:
     def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
         two, N = theta.shape[0], theta.shape[1]
         M = two * N
-        idx = torch.randint(0, self.task.num_examples, (N, self.task.batch_size), generator=gen)
-        idx = idx.unsqueeze(0).expand(two, -1, -1).reshape(M, -1)
-        x = state["x"].reshape(M, self.n)
-        params = {name: x[:, a:b].reshape(M, *shape) for name, shape, a, b in self.bounds}
-        loss, grads = batched_value_and_grad(self.task, params, idx)
+        x, loss, grads = branch_value_and_grad(self.task, self.bounds, state["x"], gen)
         tt = (t + 1).to(self.dtype).unsqueeze(0).expand(two, -1).reshape(M)
         st = {k: state[k].reshape(M, self.n) for k in STATE_KEYS}
         delta, new = self._vstep(theta.reshape(M, -1).to(self.dtype), st, grads, tt)

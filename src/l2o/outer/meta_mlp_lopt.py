@@ -23,7 +23,7 @@ from l2o.learned.mlp_lopt import (MLPLOptArch, flat_to_theta, init_theta, load_p
                                   theta_to_flat)
 from l2o.outer.base import cli_meta_train, OuterRunResult, config_resume_check, run_outer
 from l2o.outer.lopt import MLPLOptMixture, MLPLOptProblem
-from l2o.outer.pes import PESConfig, PESTrainer, centred_ranks
+from l2o.outer.pes import PESFields, PESTrainer, centred_ranks, training_info
 
 TRAIN_KIND = "l2o-meta-mlp-lopt-train"
 POLICY_NAME = "mlp-lopt.safetensors"
@@ -32,13 +32,14 @@ _RESUME_MAY_CHANGE = frozenset({"steps", "data_dir", "checkpoint_every"})
 
 
 @dataclass(frozen=True)
-class MetaMLPLOptConfig:
+class MetaMLPLOptConfig(PESFields):
     """What to meta-train (``configs/mlp-lopt-pes.toml``).
 
     Architecture: ``hidden`` (≤ 32), ``base_lr`` α₀, ``mlp_scale`` α₁, ``init_seed`` (W1's draw).
-    PES: ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
-    ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
-    steps; ``checkpoint_every`` outer steps per checkpoint; ``seed`` seeds every draw.
+    PES (:class:`~l2o.outer.pes.PESFields`): ``n_pairs`` N, ``sigma`` σ, ``truncation`` W,
+    ``horizon`` T, ``persistent``, ``stagger``, ``rank_shaping``, ``meta_lr`` (Adam on θ),
+    ``loss_clip`` (0 = off). Budget: ``steps`` outer steps; ``checkpoint_every`` outer steps per
+    checkpoint; ``seed`` seeds every draw.
 
     Tasks: ``task`` (one spec), or ``tasks``, a list of MNIST MLP specs (any nets and batch sizes,
     e.g. ``["mnist:48-48:b64", "mnist:48-48:b10"]``) among which the particles are assigned
@@ -56,14 +57,7 @@ class MetaMLPLOptConfig:
     base_lr: float = 0.1
     mlp_scale: float = 0.01
     init_seed: int = 0
-    n_pairs: int = 8
-    sigma: float = 0.01
-    truncation: int = 20
-    horizon: int = 400
-    persistent: bool = True
-    stagger: bool = True
-    rank_shaping: bool = False
-    meta_lr: float = 1e-3
+    # the PES fields are PESFields'; these override its defaults
     loss_clip: float = 10.0
     steps: int = 1000
     checkpoint_every: int = 1
@@ -97,12 +91,6 @@ class MetaMLPLOptConfig:
     @property
     def arch(self) -> MLPLOptArch:
         return MLPLOptArch(hidden=self.hidden, base_lr=self.base_lr, mlp_scale=self.mlp_scale)
-
-    @property
-    def pes(self) -> PESConfig:
-        return PESConfig(n_pairs=self.n_pairs, sigma=self.sigma, truncation=self.truncation, horizon=self.horizon,
-                         persistent=self.persistent, stagger=self.stagger, rank_shaping=self.rank_shaping,
-                         meta_lr=self.meta_lr, loss_clip=self.loss_clip)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MetaMLPLOptConfig:
@@ -218,13 +206,9 @@ def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: boo
         meta = {"config": asdict(config), "arch": asdict(arch), "command": command, "torch": torch.__version__}
 
         def export(tr: Any, step: int, log: list[dict[str, Any]], wall: float) -> None:
-            tail = [r["meta_loss"] for r in log[-100:] if r.get("meta_loss") is not None]
             start = "the AdaGrad-equivalent θ₀" if config.init_from is None else f"the θ of {config.init_from}"
             info = {"method": f"Persistent ES (Vicol et al. 2021) from {start}",
-                    "outer_steps": step, "wall_s": round(wall, 2), "config": asdict(config), "command": command,
-                    "meta_loss_mean_last100": sum(tail) / len(tail) if tail else None,
-                    "meta_loss_definition": "mean mini-batch loss f̂(x_t) over a truncation of W steps, "
-                                            "averaged over the 2N branches", "torch": torch.__version__}
+                    **training_info(step, wall, log, asdict(config), command)}
             save_policy(out / POLICY_NAME, flat_to_theta(tr.theta.to(torch.float32), arch), arch, info)
 
         return run_outer(trainer, out, config.steps, meta=meta, resume=resume, checkpoint_every=config.checkpoint_every,

@@ -26,7 +26,7 @@ import torch
 from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.learned.psd import DEFAULT_CHECKPOINT, TRAINED_KEYS, load_policy, save_policy
 from l2o.outer.base import cli_meta_train, OuterRunResult, config_resume_check, run_outer
-from l2o.outer.pes import PESConfig, PESTrainer
+from l2o.outer.pes import PESFields, PESTrainer, training_info
 from l2o.outer.psd_problem import PSDProblem
 
 TRAIN_KIND = "l2o-meta-psd-pes-train"
@@ -36,27 +36,22 @@ _RESUME_MAY_CHANGE = frozenset({"steps", "data_dir", "checkpoint_every"})
 
 
 @dataclass(frozen=True)
-class MetaPSDPESConfig:
+class MetaPSDPESConfig(PESFields):
     """What to meta-train (``configs/psd-pes.toml``).
 
     ``task``: one mini-batch MNIST MLP spec. ``init_from``: the starting PSD policy checkpoint
     (``"default"`` = the packaged weights). ``train``: which of ω's entries θ holds (a list from
-    W_ih, W_hh, b, W_out, b_out; default all five). PES: ``n_pairs`` N, ``sigma`` σ, ``truncation``
-    W, ``horizon`` T, ``persistent``, ``stagger``, ``rank_shaping``, ``meta_lr`` (Adam on θ),
-    ``loss_clip`` (0 = off). Budget: ``steps`` outer steps; ``checkpoint_every``; ``seed`` seeds
-    every draw (optimizee seeds ≥ 10⁶, mini-batches, perturbations).
+    W_ih, W_hh, b, W_out, b_out; default all five). PES (:class:`~l2o.outer.pes.PESFields`):
+    ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
+    ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
+    steps; ``checkpoint_every``; ``seed`` seeds every draw (optimizee seeds ≥ 10⁶, mini-batches,
+    perturbations).
     """
 
     task: str = "mnist:48-48:b64"
     init_from: str = "default"
     train: list[str] | None = None
-    n_pairs: int = 8
-    sigma: float = 0.01
-    truncation: int = 20
-    horizon: int = 400
-    persistent: bool = True
-    stagger: bool = True
-    rank_shaping: bool = False
+    # the PES fields are PESFields'; these override its defaults
     meta_lr: float = 1e-4
     loss_clip: float = 10.0
     steps: int = 500
@@ -101,12 +96,6 @@ class MetaPSDPESConfig:
     @property
     def init_path(self) -> Path:
         return DEFAULT_CHECKPOINT if self.init_from == "default" else Path(self.init_from)
-
-    @property
-    def pes(self) -> PESConfig:
-        return PESConfig(n_pairs=self.n_pairs, sigma=self.sigma, truncation=self.truncation, horizon=self.horizon,
-                         persistent=self.persistent, stagger=self.stagger, rank_shaping=self.rank_shaping,
-                         meta_lr=self.meta_lr, loss_clip=self.loss_clip)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MetaPSDPESConfig:
@@ -169,14 +158,10 @@ def meta_train(config: MetaPSDPESConfig, out: str | os.PathLike, *, resume: bool
                                  f"from (SHA-256 {sha[:12]}…, the checkpoint's {str(saved.get('init_sha256'))[:12]}…)")
 
         def export(tr: Any, step: int, log: list[dict[str, Any]], wall: float) -> None:
-            tail = [r["meta_loss"] for r in log[-100:] if r.get("meta_loss") is not None]
             info = {"features": features,
                     "method": f"PSD's LSTM meta-trained by Persistent ES (Vicol et al. 2021) from {config.init_path}",
-                    "training": {"outer_steps": step, "wall_s": round(wall, 2), "config": cfg, "command": command,
-                                 "init_sha256": sha, "trained": list(problem.train_keys), "dim": problem.dim,
-                                 "meta_loss_mean_last100": sum(tail) / len(tail) if tail else None,
-                                 "meta_loss_definition": "mean mini-batch loss f̂(x_t) over a truncation of W steps, "
-                                                         "averaged over the 2N branches", "torch": torch.__version__}}
+                    "training": training_info(step, wall, log, cfg, command, init_sha256=sha,
+                                              trained=list(problem.train_keys), dim=problem.dim)}
             save_policy(out / POLICY_NAME, problem.net(tr.theta.to(problem.dtype)), info)
 
         return run_outer(trainer, out, config.steps, meta=meta, resume=resume, checkpoint_every=config.checkpoint_every,

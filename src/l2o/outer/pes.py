@@ -18,7 +18,7 @@ One inner step of all 2N runs is one batched computation of the :class:`~l2o.out
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -46,9 +46,9 @@ def centred_ranks(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class PESConfig:
-    """PES hyperparameters. ``loss_clip`` > 0 clips every inner loss (NaN/inf → the clip) and restarts
-    runs whose state stops being finite; 0 = off. ``meta_lr``/``betas``: Adam on θ."""
+class PESFields:
+    """The PES hyperparameters a meta-training config shares with :class:`PESConfig` (all but Adam's
+    betas); :attr:`pes` checks them. Subclasses may override the defaults."""
 
     n_pairs: int = 8
     sigma: float = 0.01
@@ -58,9 +58,21 @@ class PESConfig:
     stagger: bool = True
     rank_shaping: bool = False
     meta_lr: float = 1e-3
+    loss_clip: float = 0.0
+
+    @property
+    def pes(self) -> PESConfig:
+        """These fields as a validated :class:`PESConfig` (``ValueError`` names a bad one)."""
+        return PESConfig(**{f.name: getattr(self, f.name) for f in fields(PESConfig) if hasattr(self, f.name)})
+
+
+@dataclass(frozen=True)
+class PESConfig(PESFields):
+    """PES hyperparameters. ``loss_clip`` > 0 clips every inner loss (NaN/inf → the clip) and restarts
+    runs whose state stops being finite; 0 = off. ``meta_lr``/``beta1``/``beta2``: Adam on θ."""
+
     beta1: float = 0.9
     beta2: float = 0.999
-    loss_clip: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("n_pairs", "truncation", "horizon"):
@@ -77,6 +89,17 @@ class PESConfig:
                 raise ValueError(f"pes: {name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.loss_clip >= 0:
             raise ValueError(f"pes: loss_clip must be >= 0 (0 = off), got {self.loss_clip!r}")
+
+
+def training_info(step: int, wall: float, log: list[dict[str, Any]], config: Mapping[str, Any],
+                  command: str | None, **extra: Any) -> dict[str, Any]:
+    """What a PES driver's exported policy records of its run at outer step ``step`` (``extra`` added):
+    wall time, config, command, and the mean meta-loss of the last 100 logged steps with its definition."""
+    tail = [r["meta_loss"] for r in log[-100:] if r.get("meta_loss") is not None]
+    return {"outer_steps": step, "wall_s": round(wall, 2), "config": config, "command": command, **extra,
+            "meta_loss_mean_last100": sum(tail) / len(tail) if tail else None,
+            "meta_loss_definition": "mean mini-batch loss f̂(x_t) over a truncation of W steps, "
+                                    "averaged over the 2N branches", "torch": torch.__version__}
 
 
 class PESTrainer(OuterTrainer):

@@ -31,8 +31,8 @@ from l2o.features.conv2017 import observation_step
 from l2o.features.sets import FeatureSet, get_feature_set
 from l2o.learned.psd import NET_KEYS, TRAINED_KEYS, check_net, input_size
 from l2o.outer.base import State
-from l2o.outer.lopt import SEED_BASE
-from l2o.tasks.base import Task, batched_value_and_grad, flatten
+from l2o.outer.lopt import SEED_BASE, branch_value_and_grad
+from l2o.tasks.base import Task, flatten
 
 PAPER_MEMORY = ("x_prev", "x_prev2", "g_prev")
 """Per-coordinate memory of the paper's Ψ (:func:`observation_step`), besides the previous loss."""
@@ -147,11 +147,7 @@ class PSDProblem:
     def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
         two, N = theta.shape[0], theta.shape[1]
         M = two * N
-        idx = torch.randint(0, self.task.num_examples, (N, self.task.batch_size), generator=gen)
-        idx = idx.unsqueeze(0).expand(two, -1, -1).reshape(M, -1)
-        x = state["x"].reshape(M, self.n)
-        params = {name: x[:, a:b].reshape(M, *shape) for name, shape, a, b in self.groups}
-        loss, grads = batched_value_and_grad(self.task, params, idx)
+        x, loss, grads = branch_value_and_grad(self.task, self.groups, state["x"], gen)
         g = torch.cat([grads[name].reshape(M, -1) for name, _, _, _ in self.groups], dim=1).view(two, N, self.n)
         f = loss.detach().to(self.dtype).view(two, N, 1)
         obs = torch.empty(two, N, self.n, self.P, dtype=self.dtype)
