@@ -33,7 +33,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,36 @@ def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Ten
     if chunk is None:
         return -(step_size * linear + arch.mlp_scale * mlp), new
     return linear.mul_(-step_size).add_(mlp, alpha=-arch.mlp_scale), new
+
+
+def inputs(state: Mapping[str, Tensor], g: Tensor, t: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
+    """The policy's per-coordinate inputs [n, 18] for the flat gradient ``g`` [n] of one or several
+    parameter tensors (``sizes``, default one) whose accumulators ``state`` were already updated with
+    it, at 1-based step ``t``: the K = 7 directions d, the 8 features each divided by its RMS over
+    its own tensor, and τ(t) — what :func:`policy_from_inputs` reads (Convolutional GPS records them)."""
+    consts = step_constants(t)
+    rows = features(state, g, consts)  # [8, n]
+    sizes = [g.shape[-1]] if sizes is None else list(sizes)
+    inv_rms = torch.cat([torch.rsqrt(r.square().mean(dim=-1, keepdim=True) + 1e-12).expand(-1, r.shape[-1])
+                         for r in rows.split(sizes, dim=-1)], dim=-1)
+    d = rows[:N_DIRECTIONS] * consts["rs"][:N_DIRECTIONS].to(g.dtype).unsqueeze(-1)
+    tau = consts["tau"].to(g.dtype).unsqueeze(-1).expand(-1, g.shape[-1])
+    return torch.cat([d, rows * inv_rms, tau]).T
+
+
+N_INPUTS = N_DIRECTIONS + N_COORD_FEATURES + N_TIME
+"""Columns of :func:`inputs`: d (7), RMS-normalised features (8), τ(t) (3)."""
+
+
+def policy_from_inputs(theta: Mapping[str, Tensor], x: Tensor, arch: MLPLOptArch) -> Tensor:
+    """Δx from :func:`inputs` ``x`` [..., 18] (any leading shape; differentiable in θ): the update of
+    the module docstring, −α₀·exp(c₀ + c₁:·τ)·(uᵀd) − α₁·δ·exp(μ)."""
+    d, phi, tau = x.split([N_DIRECTIONS, N_COORD_FEATURES, N_TIME], dim=-1)
+    c = theta["c"]
+    step_size = arch.base_lr * torch.exp(c[0] + tau @ c[1:])
+    h = torch.relu(torch.cat([phi, tau], dim=-1) @ theta["W1"] + theta["b1"])
+    o = h @ theta["W2"] + theta["b2"]
+    return -(step_size * (d @ theta["u"]) + arch.mlp_scale * o[..., 0] * torch.exp(o[..., 1].clamp(max=MAG_CLAMP)))
 
 
 def policy_step_(theta: Mapping[str, Tensor], state: dict[str, Tensor], g: Tensor, consts: Mapping[str, Tensor],

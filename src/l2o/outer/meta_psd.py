@@ -18,7 +18,6 @@ from l2o.execution import Executor
 from l2o.outer.gps.conv_trainer import (
     CHECKPOINT_NAME,
     LOG_NAME,
-    POLICY_NAME,
     ConvGPSConfig,
     ConvGPSTrainer,
 )
@@ -46,7 +45,7 @@ def meta_train(config: ConvGPSConfig, out: str | os.PathLike, resume: bool = Fal
         raise FileExistsError(f"{out / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out")
     trainer = ConvGPSTrainer(config, out, command=command, progress=progress, executor=executor)
     log = trainer.train()
-    return MetaPSDResult(log, trainer.wall, out / CHECKPOINT_NAME, out / POLICY_NAME, out / LOG_NAME)
+    return MetaPSDResult(log, trainer.wall, out / CHECKPOINT_NAME, out / trainer.setting.policy.file_name, out / LOG_NAME)
 
 
 def log_table(log: list[dict[str, Any]]) -> str:

@@ -26,7 +26,6 @@ from l2o.outer.gps.conv_trainer import (
     ConvGPSConfig,
     ConvGPSTrainer,
     initial_psi,
-    pi_means,
 )
 from l2o.outer.gps.conv_cost import gradient_shrinkage, telescoped_cost
 from l2o.learned import psd
@@ -301,7 +300,8 @@ def test_preconditioned_conv_gps_regresses_pi_in_the_optimizers_action_space(tmp
     assert tr.setting.D == 11 and rec["psi_auc"] > 0
     O = torch.randn(4, 8, 13)
     Pc = torch.rand(4, 8, 1, dtype=torch.float64) + 0.5
-    torch.testing.assert_close(tr.setting.pi_mean((O, Pc)), pi_means(tr.net, O) * Pc)
+    mu = psd.run_sequence(tr.net, O.transpose(0, 1))[0].T.to(torch.float64).unsqueeze(-1)  # μ^π(Ψ) in a
+    torch.testing.assert_close(tr.setting.pi_mean((O, Pc)), mu * Pc)
     with pytest.raises(ValueError, match="precondition"):
         ConvGPSConfig(precondition="rmsprop")
     # The π-step takes ψ's targets in u: targets equal to π's own mean in u are already fitted

@@ -30,7 +30,8 @@ from l2o.features.conv2017 import STATE_DIM
 from l2o.features.sets import FeatureSet, get_feature_set
 from l2o.outer.gps.badmm import pi_covariance
 from l2o.outer.gps.conv_cost import curvature_profile, gradient_shrinkage, telescoped_cost
-from l2o.outer.gps.conv_env import GRAD_FEATURE, PRECONDITIONERS, GroupLinearGaussianController, LSTMController
+from l2o.outer.gps.conv_env import GRAD_FEATURE, PRECONDITIONERS, GroupLinearGaussianController
+from l2o.outer.gps.conv_policies import MLPLOptFeatures, conv_policy
 from l2o.outer.gps.conv_env import group_samples, rollout
 from l2o.outer.gps.conv_env import seeded_rollout
 from l2o.outer.gps.dynamics import fit_dynamics
@@ -39,7 +40,6 @@ from l2o.outer.gps.errors import GPSIterationError
 from l2o.outer.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSLoop, LocalProblem, Samples, Setting
 from l2o.outer.gps.loop import Unit
 from l2o.execution import Executor
-from l2o.learned import psd
 from l2o.tasks.base import Task
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "POLICY_NAME", "ConvGPSConfig", "ConvGPSTrainer", "ConvSetting", "initial_psi"]
@@ -57,7 +57,9 @@ class ConvGPSConfig(BADMMConfig):
     """:class:`~l2o.outer.gps.loop.BADMMConfig` plus what Convolutional GPS adds (validated; unknown keys
     are rejected).
 
-    ``task`` is the meta-training objective and ``horizon`` its T; ``features`` names the feature
+    ``task`` is the meta-training objective and ``horizon`` its T; ``policy`` is π's form: the PSD
+    LSTM (``"psd"``) or ``mlp-lopt``'s MLP of width ``mlp_hidden`` (``"mlp-lopt"``, with
+    ``features = "mlp-lopt"``; :mod:`l2o.outer.gps.conv_policies`); ``features`` names the feature
     set of s_t and Ψ_t (:mod:`l2o.features.sets`). ψ₀ is a = −``init_gain``·s_t[``init_direction``]
     (default: the set's gradient feature, i.e. gradient descent; with ``features = "scale-free"``
     and ``init_direction = "adagrad"`` it is AdaGrad with lr ``init_gain``), with exploration std
@@ -75,6 +77,8 @@ class ConvGPSConfig(BADMMConfig):
     """
 
     task: str = "mnist:48-48:b64"
+    policy: str = "psd"
+    mlp_hidden: int = 16
     features: str = "paper2017"
     init_direction: str | None = None
     horizon: int = 400
@@ -102,7 +106,10 @@ class ConvGPSConfig(BADMMConfig):
         self.require(ge1=("coords_per_group", "eval_seeds", "eval_every", "curvature_every", "threads", "pi_batch"),
                      ge0=("pi_steps", "pi_first_steps"), gt0=("init_gain", "init_noise", "curvature_floor"),
                      choices={"curvature_batch": ("same", "independent"), "curvature_along": ("step", "mean"),
-                              "precondition": PRECONDITIONERS})
+                              "precondition": PRECONDITIONERS, "policy": ("psd", "mlp-lopt")})
+        self.check((self.policy == "mlp-lopt") == (self.features == "mlp-lopt"),
+                   "policy 'mlp-lopt' and features 'mlp-lopt' go together (π reads mlp-lopt's inputs)")
+        self.check(1 <= self.mlp_hidden <= 32, f"mlp_hidden must be in [1, 32], got {self.mlp_hidden!r}")
         self.check(self.horizon >= 2, "horizon must be >= 2")
         self.check(0 < self.cost_discount <= 1, f"cost_discount must be in (0, 1], got {self.cost_discount!r}")
 
@@ -117,21 +124,12 @@ def initial_psi(T: int, gain: float, std: float, state_dim: int = STATE_DIM,
     return LinearGaussianPolicy.from_gain(K, cov=float(std) ** 2, T=T)
 
 
-def pi_means(net: dict[str, Tensor], obs: Tensor, chunk: int = 2048) -> Tensor:
-    """μ^π along the recorded Ψ sequences (teacher forcing): obs [N, T, 3] → [N, T, 1] float64."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, obs.shape[0], chunk):
-            a, _ = psd.run_sequence(net, obs[i:i + chunk].transpose(0, 1))
-            out.append(a.T)
-    return torch.cat(out).to(DTYPE).unsqueeze(-1)
-
-
 # --------------------------------------------------------------------------- the setting
 class ConvSetting(Setting):
     """Convolutional GPS as a :class:`~l2o.outer.gps.loop.Setting`: one condition (the task), one unit
-    per coordinate group (weight = its number of coordinates), π = the PSD LSTM (one net shared by
-    all groups), Σ^π per group (the groups' step scales differ by orders of magnitude)."""
+    per coordinate group (weight = its number of coordinates), π one per-coordinate policy shared by
+    all groups (:mod:`l2o.outer.gps.conv_policies`), Σ^π per group (the groups' step scales differ by
+    orders of magnitude)."""
 
     name = "conv"
     shared_pi_cov = False
@@ -147,8 +145,8 @@ class ConvSetting(Setting):
             self.init_index = features.state_index(config.init_direction)
         except ValueError as e:
             raise ValueError(f"conv-GPS config: init_direction: {e}") from None
-        self.net = psd.init_net(config.seed, input_size=features.obs_dim)
-        self.normalised = False
+        self.policy = conv_policy(config.policy, config.seed, features, config.mlp_hidden)
+        self.normalised = False  # π fitted at least once
         self.best_auc = math.inf
         self.wall = 0.0
         self.units: list[Unit] = []
@@ -163,9 +161,11 @@ class ConvSetting(Setting):
         return {**kwargs, "features": self.features, "curvature_along": c.curvature_along,
                 "curvature_batch": c.curvature_batch, "precondition": c.precondition}
 
+    net = property(lambda self: self.policy.net, doc="π's tensors ω.")
+
     @property
     def pi_ready(self) -> bool:
-        return self.normalised  # until its first π-step, π is a placeholder
+        return self.normalised or self.policy.ready_at_init  # the PSD LSTM is a placeholder until its first π-step
 
     def postfix(self, r: dict[str, Any]) -> dict[str, Any]:
         return {"psi": f"{r['psi_auc']:.4f}", "pi": f"{r['pi_auc'] or math.nan:.4f}"}
@@ -216,7 +216,7 @@ class ConvSetting(Setting):
     def pi_mean(self, obs: tuple[Tensor, Tensor]) -> Tensor:
         """μ^π in ψ's action space: u = p·a (p = 1 unless preconditioned)."""
         O, Pc = obs
-        return pi_means(self.net, O) * Pc
+        return self.policy.means(O) * Pc
 
     def fit_pi(self, it: int, problems: list[LocalProblem], targets: list[Tensor], weights: list[Tensor]) -> float:
         """Weighted regression of μ^π onto ψ's targets by BPTT; returns the final weighted RMS error
@@ -226,20 +226,17 @@ class ConvSetting(Setting):
         scales = [p.obs[1] for p in problems]
         # ψ's targets and weights are in its action space u = p·a: in a, y/p with weights ·p².
         targets = [y / Pc for y, Pc in zip(targets, scales)]
+        pol = self.policy
         if not self.normalised:
-            allo = torch.cat([o.reshape(-1, o.shape[-1]) for o in obs])
-            self.net["in_mean"] = allo.mean(0).to(self.net["in_mean"].dtype)
-            self.net["in_std"] = allo.std(0).clamp(min=1e-8).to(self.net["in_std"].dtype)
-            ally = torch.cat([y.reshape(-1) for y in targets])
-            self.net["out_scale"] = ally.square().mean().sqrt().reshape(1).to(self.net["out_scale"].dtype)
+            pol.prepare(torch.cat([o.reshape(-1, o.shape[-1]) for o in obs]), torch.cat([y.reshape(-1) for y in targets]))
             self.normalised = True
         O = torch.cat(obs)  # [N, T, O]
         Y = torch.cat(targets).to(torch.float32).squeeze(-1)  # [N, T]
         # ν_t G_t⁻¹ per group, normalised to mean 1 within each group so the groups weigh alike.
         W = torch.cat([(w[:, 0, 0] / w[:, 0, 0].mean()).to(torch.float32).expand(o.shape[0], -1)
                        * Pc.squeeze(-1).square().to(torch.float32) for w, o, Pc in zip(weights, obs, scales)])
-        params = {k: self.net[k].clone().requires_grad_(True) for k in psd.TRAINED_KEYS}
-        fixed = {k: self.net[k] for k in psd.NET_KEYS if k not in psd.TRAINED_KEYS}
+        params = {k: pol.net[k].clone().requires_grad_(True) for k in pol.trained}
+        fixed = {k: v for k, v in pol.net.items() if k not in pol.trained}
         opt = torch.optim.Adam(params.values(), lr=c.pi_lr)
         gen = torch.Generator().manual_seed(7_000_003 + 1000 * c.seed + it)
         scale = float(Y.square().mean()) + 1e-30
@@ -250,14 +247,14 @@ class ConvSetting(Setting):
             steps = tqdm(steps, desc=f"iteration {it}: π-step", leave=False)
         for _ in steps:
             idx = torch.randperm(O.shape[0], generator=gen)[: c.pi_batch]
-            pred, _ = psd.run_sequence({**params, **fixed}, O[idx].transpose(0, 1))
-            loss = (W[idx] * (pred.T - Y[idx]).square()).mean() / scale
+            pred = pol.predict({**params, **fixed}, O[idx])
+            loss = (W[idx] * (pred - Y[idx]).square()).mean() / scale
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             opt.step()
-        self.net.update({k: v.detach() for k, v in params.items()})
-        pred = pi_means(self.net, O).squeeze(-1).to(torch.float32)
+        pol.net.update({k: v.detach() for k, v in params.items()})
+        pred = pol.means(O).squeeze(-1).to(torch.float32)
         return float(((W * (pred - Y).square()).mean() / scale).sqrt())
 
     def evaluate(self, it: int) -> dict[str, Any]:
@@ -265,7 +262,7 @@ class ConvSetting(Setting):
         c = self.config
         options = self._options(horizon=self.T, coords_per_group=1, eval_every=c.eval_every, curvature_every=10 ** 9,
                                 record_states=False)
-        runs = [rollout(self.task, LSTMController(self.net), EVAL_SEED_BASE + c.seed * 100 + k, **options)
+        runs = [rollout(self.task, self.policy.controller(), EVAL_SEED_BASE + c.seed * 100 + k, **options)
                 for k in range(c.eval_seeds)]
         if any(r.diverged for r in runs):
             return {"pi_auc": math.inf, "pi_final": math.inf}
@@ -294,15 +291,15 @@ class ConvSetting(Setting):
                 "pi_regression_rel_rmse": pi_loss, **finite, "wall_s": round(self.wall, 1)}
 
     def after_step(self, record: dict[str, Any]) -> None:
-        """Export π as ``psd.safetensors`` when its held-out AUC is the best so far."""
+        """Export π (``psd.safetensors`` or ``mlp-lopt.safetensors``) when its held-out AUC is the best so far."""
         auc = record["pi_auc"]
         if auc is not None and auc < self.best_auc:
             self.best_auc = auc
-            psd.save_policy(self.out / POLICY_NAME, self.net, self.policy_meta(record["iteration"] + 1))
+            self.policy.save(self.out / self.policy.file_name, self.policy_meta(record["iteration"] + 1))
         record["best_pi_auc"] = self.best_auc if math.isfinite(self.best_auc) else None
 
     def policy_meta(self, iteration: int) -> dict[str, Any]:
-        return {"method": "Predicted Step Descent (Li & Malik 2017), Convolutional GPS",
+        return {"method": self.policy.method + ", Convolutional GPS",
                 "features": self.features.name,
                 "training": {"command": self.command, "config": self.config.to_dict(), "iteration": iteration,
                              "heldout_auc": self.best_auc, "wall_s": round(self.wall, 1), "torch": torch.__version__}}
@@ -313,18 +310,19 @@ class ConvSetting(Setting):
                  "wall_s": self.wall, "command": self.command})
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self.net = {k: tensors[f"net.{k}"] for k in psd.NET_KEYS}
-        psd.check_net(self.net)
+        net = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        self.policy.check(net)
+        self.policy.net = net
         self.normalised = bool(meta["normalised"])
         self.best_auc = math.inf if meta["best_auc"] is None else float(meta["best_auc"])
         self.wall = float(meta["wall_s"])
 
 
 class ConvGPSTrainer(GPSLoop):
-    """Meta-trains PSD's π with Convolutional GPS on one task (``config.task`` unless ``task`` is
-    given); ``out`` receives ``checkpoint.safetensors``, ``log.jsonl`` (ψ's and π's true cost, KLs,
-    η, ν, ε, π's regression error, wall time) and ``psd.safetensors`` (the π with the lowest
-    held-out AUC so far, with its provenance). :meth:`train` continues a checkpoint in ``out``.
+    """Meta-trains π (PSD's LSTM, or mlp-lopt's MLP) with Convolutional GPS on one task (``config.task``
+    unless ``task`` is given); ``out`` receives ``checkpoint.safetensors``, ``log.jsonl`` (ψ's and π's
+    true cost, KLs, η, ν, ε, π's regression error, wall time) and ``psd.safetensors`` (or
+    ``mlp-lopt.safetensors``: the π with the lowest held-out AUC so far, with its provenance). :meth:`train` continues a checkpoint in ``out``.
     ``executor`` (:mod:`l2o.execution`) runs ψ's M trajectories in parallel, with the same result."""
 
     def __init__(self, config: ConvGPSConfig, out: str | os.PathLike, task: Task | None = None,
@@ -335,7 +333,8 @@ class ConvGPSTrainer(GPSLoop):
 
             task = make_task(config.task, data_dir=config.data_dir)
         if features is None:
-            features = get_feature_set(config.features)
+            features = (MLPLOptFeatures([g.numel for g in task.groups]) if config.features == "mlp-lopt"
+                        else get_feature_set(config.features))
         elif features.name != config.features:
             raise ValueError(f"config.features is {config.features!r} but the feature set passed is {features.name!r}")
         super().__init__(ConvSetting(config, task, features, Path(out), progress, command), config, out, progress,
