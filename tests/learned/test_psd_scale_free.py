@@ -56,3 +56,37 @@ def test_a_checkpoint_whose_features_do_not_fit_its_weights_is_refused(tmp_path)
     path, _ = _policy(tmp_path, features="bogus")
     with pytest.raises(CheckpointError, match="unknown feature set"):
         PredictedStepDescent([torch.nn.Parameter(torch.zeros(2))], checkpoint=path)
+
+
+def test_a_base_step_initialised_to_adagrad_is_torch_adagrad(tmp_path):
+    """ω with init_base(index of g/√G, 0.1) on the scale-free Ψ: the LSTM's output is zero and the base
+    step −0.1·g/√G is exactly torch.optim.Adagrad(lr=0.1, eps=1e-10), whatever the LSTM's weights."""
+    net = psd.init_net(3, hidden_size=16, dtype=torch.float64, input_size=ScaleFreeFeatures.obs_dim)
+    net["W_out"] = torch.randn(1, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = psd.init_base(net, ScaleFreeFeatures.obs_names.index("g/sqrtG"), 0.1)
+    path = psd.save_policy(tmp_path / "ada.safetensors", net, {"features": "scale-free"})
+    w = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt, ada = PredictedStepDescent([w], checkpoint=path), torch.optim.Adagrad([ref], lr=0.1, eps=1e-10)
+    for t in range(8):
+        for p, o in ((w, opt), (ref, ada)):
+            o.zero_grad()
+            loss = (p.square() * torch.arange(1.0, 13.0, dtype=p.dtype).view(3, 4)).sum() - 2.0 * t
+            loss.backward()
+            o.step(lambda loss=loss: loss)
+        # the checkpoint is float32: the base step is AdaGrad's to float32 rounding of u = −0.1
+        torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-6, atol=1e-9)
+    assert (w.detach() - torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).abs().max() > 0.1
+
+
+def test_base_entries_are_validated(tmp_path):
+    net = psd.init_net(0, hidden_size=8, input_size=13)
+    based = psd.init_base(net, 0, 0.1)
+    with pytest.raises(ValueError, match="missing"):
+        psd.check_net({k: v for k, v in based.items() if k != "base_c"})
+    with pytest.raises(ValueError, match="base_c"):
+        psd.check_net({**based, "base_c": torch.zeros(3)})
+    with pytest.raises(ValueError, match="index"):
+        psd.init_base(net, 13, 0.1)
+    loaded, _ = psd.load_policy(psd.save_policy(tmp_path / "b.safetensors", based, {"features": "scale-free"}))
+    assert set(psd.BASE_KEYS) <= set(loaded) and float(loaded["base_u"][0]) == pytest.approx(-0.1)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2o.learned.psd import PredictedStepDescent, init_net, load_policy, save_policy
-from l2o.outer.meta_psd_pes import MetaPSDPESConfig, meta_train
+from l2o.learned.psd import BASE_KEYS, TRAINED_KEYS, PredictedStepDescent, init_net, load_policy, save_policy
+from l2o.outer.meta_psd_pes import MetaPSDPESConfig, build_problem, meta_train
 from l2o.outer.psd_problem import PSDProblem
 from tests.conftest import tiny_mlp_task
 
@@ -30,10 +30,16 @@ def _policy_file(path: Path, features: str, **kw) -> Path:
     return save_policy(path, _net(features, **kw), {"features": features})
 
 
-@pytest.mark.parametrize("features", ["scale-free", "paper2017"])
-def test_batched_inner_step_equals_predicted_step_descent(features: str, tmp_path) -> None:
+@pytest.mark.parametrize("features, base", [("scale-free", False), ("paper2017", False), ("scale-free", True)])
+def test_batched_inner_step_equals_predicted_step_descent(features: str, base: bool, tmp_path) -> None:
     task = tiny_mlp_task()
-    problem = PSDProblem(task, _net(features, hidden=16), features)
+    net, keys = _net(features, hidden=16), TRAINED_KEYS
+    if base:  # a base step exp(c₀ + c·Ψ)(uᵀΨ) beside the LSTM, trained too
+        g = torch.Generator().manual_seed(9)
+        net.update(base_u=0.05 * torch.randn(OBS[features], generator=g),
+                   base_c=0.3 * torch.randn(OBS[features] + 1, generator=g))
+        keys = TRAINED_KEYS + BASE_KEYS
+    problem = PSDProblem(task, net, features, keys)
     N, steps = 2, 5
     g = torch.Generator().manual_seed(0)
     theta = problem.theta0() + 0.1 * torch.randn(2, N, problem.dim, generator=g)  # four different ω's
@@ -114,6 +120,26 @@ def test_train_subset_keeps_the_rest_of_the_network(tmp_path) -> None:
     assert meta["features"] == "paper2017" and meta["training"]["trained"] == ["W_out", "b_out"]
     assert all(torch.equal(net[k], start[k]) for k in ("W_ih", "W_hh", "b", "in_mean", "in_std", "out_scale"))
     assert not torch.equal(net["W_out"], start["W_out"])
+
+
+def test_a_base_adagrad_start_trains_the_base_and_the_lstm_correction(tmp_path) -> None:
+    """base = "adagrad": the starting ω gets the base step −0.1·g/√G and a zero LSTM output layer (so
+    θ₀ is AdaGrad), and the export carries the trained base."""
+    task = tiny_mlp_task()
+    init = _policy_file(tmp_path / "init.safetensors", "scale-free")
+    cfg = _config(init, base="adagrad", train=["W_out", "b_out", "base_u", "base_c"], steps=2)
+    problem = build_problem(cfg, task)
+    start = problem.net(problem.theta0())
+    assert float(start["base_u"][0]) == pytest.approx(-0.1) and not start["W_out"].any() and not start["b_out"].any()
+    result = meta_train(cfg, tmp_path / "r", progress=False, task=task)
+    assert result.theta.numel() == 8 + 1 + 13 + 14
+    net, _ = load_policy(tmp_path / "r" / "psd-pes.safetensors")
+    assert not torch.equal(net["base_c"], start["base_c"]) and torch.equal(net["W_ih"], start["W_ih"])
+    with pytest.raises(ValueError, match="train must be"):
+        _config(init, train=["base_u"])  # no base without base = "adagrad"
+    paper = _policy_file(tmp_path / "paper.safetensors", "paper2017")
+    with pytest.raises(ValueError, match="scale-free"):
+        build_problem(_config(paper, base="adagrad"), task)
 
 
 def test_config_rejects_bad_values_with_clear_errors(tmp_path) -> None:

@@ -61,6 +61,12 @@ NET_KEYS = ("W_ih", "W_hh", "b", "W_out", "b_out", "in_mean", "in_std", "out_sca
 """Names of the tensors of ω; the last three are fixed normalisation statistics, not trained."""
 TRAINED_KEYS = ("W_ih", "W_hh", "b", "W_out", "b_out")
 """The entries of ω that the π-step regresses."""
+BASE_KEYS = ("base_u", "base_c")
+"""Optional entries of ω (both or neither): a base step exp(c₀ + c₁:·Ψ)·(uᵀΨ) on the raw Ψ added to
+the LSTM's, i.e. a learned combination of Ψ's directions with a learned log-linear step size (with
+the scale-free Ψ, u = −α·e₀ and c = 0 is AdaGrad at lr α). Absent: no base step (the paper's π)."""
+BASE_CLAMP = 10.0
+"""c₀ + c₁:·Ψ is clamped to ≤ 10 before exp (keeps a bad ω finite)."""
 
 
 class Hidden(NamedTuple):
@@ -98,14 +104,16 @@ def init_net(seed: int = 0, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype =
 def check_net(net: Mapping[str, Tensor]) -> int:
     """Validate ω's names, shapes and values; return the hidden size H (the input size is W_ih's
     second dimension, :func:`input_size`)."""
-    missing, extra = set(NET_KEYS) - set(net), set(net) - set(NET_KEYS)
+    missing, extra = set(NET_KEYS) - set(net), set(net) - set(NET_KEYS) - set(BASE_KEYS)
+    if len(set(BASE_KEYS) & set(net)) == 1:
+        missing |= set(BASE_KEYS) - set(net)
     if missing or extra:
         raise ValueError(f"PSD policy weights: missing {sorted(missing)}, unexpected {sorted(extra)}")
     H = net["W_hh"].shape[-1]
     P = input_size(net)
     expected = {"W_ih": (4 * H, P), "W_hh": (4 * H, H), "b": (4 * H,), "W_out": (1, H), "b_out": (1,),
-                "in_mean": (P,), "in_std": (P,), "out_scale": (1,)}
-    for name, shape in expected.items():
+                "in_mean": (P,), "in_std": (P,), "out_scale": (1,), "base_u": (P,), "base_c": (P + 1,)}
+    for name, shape in ((k, v) for k, v in expected.items() if k in net):
         if tuple(net[name].shape) != shape:
             raise ValueError(f"PSD policy weight {name!r} has shape {tuple(net[name].shape)}, expected {shape}")
         if not torch.isfinite(net[name]).all():
@@ -129,6 +137,26 @@ def init_hidden(n: int, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype = tor
     return Hidden(*(torch.zeros(n, hidden_size, dtype=dtype, device=device) for _ in range(2)))
 
 
+def init_base(net: Mapping[str, Tensor], index: int, lr: float) -> dict[str, Tensor]:
+    """ω with the base step −``lr``·Ψ[``index``] (u = −lr·e_index, c = 0) and the LSTM's output layer
+    zeroed: π takes exactly that step (e.g. AdaGrad, with the scale-free Ψ and index 0)."""
+    P = input_size(net)
+    if not 0 <= index < P:
+        raise ValueError(f"base direction index {index} is not one of ω's {P} input features")
+    u = torch.zeros(P, dtype=net["W_hh"].dtype)
+    u[index] = -float(lr)
+    return {**net, "W_out": torch.zeros_like(net["W_out"]), "b_out": torch.zeros_like(net["b_out"]),
+            "base_u": u, "base_c": torch.zeros(P + 1, dtype=u.dtype)}
+
+
+def base_step(net: Mapping[str, Tensor], obs: Tensor) -> Tensor | None:
+    """exp(c₀ + c₁:·Ψ)·(uᵀΨ) for raw Ψ [..., P] → [...] (None when ω has no base)."""
+    if "base_u" not in net:
+        return None
+    c = net["base_c"]
+    return torch.exp((obs @ c[1:] + c[0]).clamp(max=BASE_CLAMP)) * (obs @ net["base_u"])
+
+
 def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor, Hidden]:
     """μ^π for one time step: ``obs`` [N, 3] (Ψ per coordinate) → step [N] and the new state.
 
@@ -142,8 +170,9 @@ def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor
     i, f, gg, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * hidden.c + torch.sigmoid(i) * torch.tanh(gg)
     h = torch.sigmoid(o) * torch.tanh(c)
-    out = torch.addmm(net["b_out"], h, net["W_out"].T).squeeze(-1)
-    return net["out_scale"] * out, Hidden(h, c)
+    out = net["out_scale"] * torch.addmm(net["b_out"], h, net["W_out"].T).squeeze(-1)
+    base = base_step(net, obs)
+    return (out if base is None else out + base), Hidden(h, c)
 
 
 class FusedPolicy:
@@ -167,6 +196,7 @@ class FusedPolicy:
         self.w_out = cast(net["W_out"]).T.contiguous()  # [H, 1]
         self.b_out = cast(net["b_out"])
         self.in_mean, self.in_std, self.out_scale = cast(net["in_mean"]), cast(net["in_std"]), cast(net["out_scale"])
+        self.base = {k: cast(net[k]) for k in BASE_KEYS if k in net}
         self.dtype, self.device = dtype, device
         self._bufs: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -199,6 +229,8 @@ class FusedPolicy:
             torch.neg(o, out=hc).addcmul_(o, t, value=2)  # h = σ(o) (2σ(2c) − 1) = σ(o) tanh(c)
             torch.addmm(self.b_out, hc, self.w_out, out=out[s:e].unsqueeze(1))
         out.mul_(self.out_scale)
+        if self.base:
+            out.add_(base_step(self.base, obs))
 
 
 def run_sequence(net: Mapping[str, Tensor], obs: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
@@ -222,7 +254,7 @@ def save_policy(path: str | os.PathLike, net: Mapping[str, Tensor], meta: Mappin
     """Write ω as a safe checkpoint (safetensors + JSON metadata + digest) and a JSON description
     with the file's sha256 beside it (same stem), e.g. the command and config that produced it."""
     check_net(net)
-    path = save_checkpoint(path, {k: net[k].detach().to(torch.float32) for k in NET_KEYS},
+    path = save_checkpoint(path, {k: net[k].detach().to(torch.float32) for k in (*NET_KEYS, *BASE_KEYS) if k in net},
                            {"hidden_size": int(net["W_hh"].shape[-1]), **meta}, kind=POLICY_KIND)
     info = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "hidden_size": int(net["W_hh"].shape[-1]), **meta}
@@ -286,7 +318,7 @@ class PredictedStepDescent(torch.optim.Optimizer):
         self.checkpoint = str(path)
         self.policy_meta = meta
         self.hidden_size = int(net["W_hh"].shape[-1])
-        self._net = {k: net[k] for k in NET_KEYS}
+        self._net = {k: net[k] for k in (*NET_KEYS, *BASE_KEYS) if k in net}
         self._fused: dict[tuple[torch.dtype, torch.device], FusedPolicy] = {}
         self._flat: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, list[int]]] = {}
         self._deltas: dict[tuple[torch.dtype, torch.device], Tensor] = {}

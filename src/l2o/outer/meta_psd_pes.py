@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from l2o.config import check_field_types, check_keys, read_config_file
-from l2o.learned.psd import DEFAULT_CHECKPOINT, TRAINED_KEYS, load_policy, save_policy
+from l2o.features.sets import get_feature_set
+from l2o.learned.psd import BASE_KEYS, DEFAULT_CHECKPOINT, TRAINED_KEYS, init_base, load_policy, save_policy
 from l2o.outer.base import cli_meta_train, OuterRunResult, config_resume_check, run_outer
 from l2o.outer.pes import PESFields, PESTrainer, training_info
 from l2o.outer.psd_problem import PSDProblem
@@ -40,8 +41,11 @@ class MetaPSDPESConfig(PESFields):
     """What to meta-train (``configs/psd-pes.toml``).
 
     ``task``: one mini-batch MNIST MLP spec. ``init_from``: the starting PSD policy checkpoint
-    (``"default"`` = the packaged weights). ``train``: which of ω's entries θ holds (a list from
-    W_ih, W_hh, b, W_out, b_out; default all five). PES (:class:`~l2o.outer.pes.PESFields`):
+    (``"default"`` = the packaged weights). ``base = "adagrad"`` gives the starting ω the base step
+    of :func:`l2o.learned.psd.init_base`, AdaGrad at lr ``base_lr`` (scale-free Ψ only), with the
+    LSTM's output layer zeroed, so the starting π is exactly AdaGrad and the LSTM learns a
+    correction. ``train``: which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and,
+    with a base, base_u, base_c; default the first five). PES (:class:`~l2o.outer.pes.PESFields`):
     ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
     ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
     steps; ``checkpoint_every``; ``seed`` seeds every draw (optimizee seeds ≥ 10⁶, mini-batches,
@@ -50,6 +54,8 @@ class MetaPSDPESConfig(PESFields):
 
     task: str = "mnist:48-48:b64"
     init_from: str = "default"
+    base: str | None = None
+    base_lr: float = 0.1
     train: list[str] | None = None
     # the PES fields are PESFields'; these override its defaults
     meta_lr: float = 1e-4
@@ -70,11 +76,16 @@ class MetaPSDPESConfig(PESFields):
             raise ValueError(f"psd-pes config: seed must be >= 0, got {self.seed}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"psd-pes config: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.base not in (None, "adagrad"):
+            raise ValueError(f"psd-pes config: base must be \"adagrad\" or left out, got {self.base!r}")
+        if self.base_lr <= 0:
+            raise ValueError(f"psd-pes config: base_lr must be > 0, got {self.base_lr!r}")
+        names = TRAINED_KEYS + (BASE_KEYS if self.base else ())
         if self.train is not None:
             if (not isinstance(self.train, list) or not self.train or len(set(self.train)) != len(self.train)
-                    or any(k not in TRAINED_KEYS for k in self.train)):
+                    or any(k not in names for k in self.train)):
                 raise ValueError(f"psd-pes config: train must be a non-empty list of distinct names from "
-                                 f"{list(TRAINED_KEYS)}, got {self.train!r}")
+                                 f"{list(names)}, got {self.train!r}")
         from l2o.tasks.registry import MLPTaskSpec, parse_task
 
         try:
@@ -122,6 +133,14 @@ def load_init(config: MetaPSDPESConfig) -> tuple[dict[str, torch.Tensor], str, s
     features = meta.get("features", "paper2017")
     if not isinstance(features, str):
         raise ValueError(f"psd-pes: {path}: metadata 'features' must be a string, got {features!r}")
+    if config.base is not None:
+        if "base_u" in net:
+            raise ValueError(f"psd-pes config: base = {config.base!r} but {path} already has a base step")
+        names = get_feature_set(features).obs_names
+        if "g/sqrtG" not in names:
+            raise ValueError(f"psd-pes config: base = 'adagrad' needs AdaGrad's direction g/√G in Ψ (the scale-free "
+                             f"features); {path} reads {features!r}")
+        net = init_base(net, names.index("g/sqrtG"), config.base_lr)
     return net, features, hashlib.sha256(path.read_bytes()).hexdigest()
 
 

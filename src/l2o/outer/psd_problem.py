@@ -29,7 +29,7 @@ from torch import Tensor
 
 from l2o.features.conv2017 import observation_step
 from l2o.features.sets import FeatureSet, get_feature_set
-from l2o.learned.psd import NET_KEYS, TRAINED_KEYS, check_net, input_size
+from l2o.learned.psd import BASE_CLAMP, BASE_KEYS, NET_KEYS, TRAINED_KEYS, check_net, input_size
 from l2o.outer.base import State
 from l2o.outer.lopt import SEED_BASE, branch_value_and_grad
 from l2o.tasks.base import Task, flatten
@@ -56,14 +56,15 @@ class PSDProblem:
         if task.batch_size is None:
             raise ValueError("psd-pes meta-training needs a mini-batch task (bfull is not supported)")
         check_net(net)
-        bad = [k for k in train_keys if k not in TRAINED_KEYS]
+        trainable = TRAINED_KEYS + tuple(k for k in BASE_KEYS if k in net)
+        bad = [k for k in train_keys if k not in trainable]
         if bad or not train_keys or len(set(train_keys)) != len(train_keys):
-            raise ValueError(f"psd-pes: train must be a non-empty list of distinct keys of {list(TRAINED_KEYS)}, "
+            raise ValueError(f"psd-pes: train must be a non-empty list of distinct keys of {list(trainable)}, "
                              f"got {list(train_keys)!r}")
         self.task, self.dtype, self.features_name = task, dtype, features
         self.features = feature_set_of(features, net)
-        self.base = {k: net[k].detach().to(dtype).clone() for k in NET_KEYS}
-        self.train_keys = tuple(k for k in TRAINED_KEYS if k in train_keys)  # fixed order
+        self.base = {k: net[k].detach().to(dtype).clone() for k in (*NET_KEYS, *BASE_KEYS) if k in net}
+        self.train_keys = tuple(k for k in trainable if k in train_keys)  # fixed order
         self.shapes = {k: tuple(self.base[k].shape) for k in self.train_keys}
         self.dim = sum(self.base[k].numel() for k in self.train_keys)
         self.H = int(self.base["W_hh"].shape[-1])
@@ -141,8 +142,12 @@ class PSDProblem:
         i, f, gg, o = gates.chunk(4, dim=-1)
         c = f * c + i * (2 * gg - 1)
         h = o * (2 * torch.sigmoid(2 * c) - 1)
-        out = torch.baddbmm(w["b_out"].unsqueeze(1), h, w["W_out"].transpose(1, 2)).squeeze(-1)
-        return self.base["out_scale"] * out, h, c
+        out = self.base["out_scale"] * torch.baddbmm(w["b_out"].unsqueeze(1), h, w["W_out"].transpose(1, 2)).squeeze(-1)
+        if "base_u" in w:  # exp(c₀ + c₁:·Ψ)·(uᵀΨ) per member, as l2o.learned.psd.base_step
+            bc = w["base_c"]
+            e = torch.bmm(obs, bc[:, 1:].unsqueeze(-1)).squeeze(-1) + bc[:, :1]
+            out = out + torch.exp(e.clamp(max=BASE_CLAMP)) * torch.bmm(obs, w["base_u"].unsqueeze(-1)).squeeze(-1)
+        return out, h, c
 
     def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
         two, N = theta.shape[0], theta.shape[1]
