@@ -63,7 +63,8 @@ def test_a_base_step_initialised_to_adagrad_is_torch_adagrad(tmp_path):
     step −0.1·g/√G is exactly torch.optim.Adagrad(lr=0.1, eps=1e-10), whatever the LSTM's weights."""
     net = psd.init_net(3, hidden_size=16, dtype=torch.float64, input_size=ScaleFreeFeatures.obs_dim)
     net["W_out"] = torch.randn(1, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    net = psd.init_base(net, ScaleFreeFeatures.obs_names.index("g/sqrtG"), 0.1)
+    net = psd.init_base(net, ScaleFreeFeatures.obs_directions, ScaleFreeFeatures.obs_names.index("g/sqrtG"), 0.1)
+    net["base_u"][9] = 5.0  # on the loss-change feature, which the mask excludes: no effect
     path = psd.save_policy(tmp_path / "ada.safetensors", net, {"features": "scale-free"})
     w = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     ref = torch.nn.Parameter(w.detach().clone())
@@ -81,12 +82,13 @@ def test_a_base_step_initialised_to_adagrad_is_torch_adagrad(tmp_path):
 
 def test_base_entries_are_validated(tmp_path):
     net = psd.init_net(0, hidden_size=8, input_size=13)
-    based = psd.init_base(net, 0, 0.1)
+    based = psd.init_base(net, range(7), 0, 0.1)
     with pytest.raises(ValueError, match="missing"):
         psd.check_net({k: v for k, v in based.items() if k != "base_c"})
     with pytest.raises(ValueError, match="base_c"):
         psd.check_net({**based, "base_c": torch.zeros(3)})
     with pytest.raises(ValueError, match="index"):
-        psd.init_base(net, 13, 0.1)
+        psd.init_base(net, range(7), 13, 0.1)
+    assert based["base_mask"].tolist() == [1.0] * 7 + [0.0] * 6
     loaded, _ = psd.load_policy(psd.save_policy(tmp_path / "b.safetensors", based, {"features": "scale-free"}))
     assert set(psd.BASE_KEYS) <= set(loaded) and float(loaded["base_u"][0]) == pytest.approx(-0.1)

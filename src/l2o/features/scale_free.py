@@ -69,6 +69,7 @@ class ScaleFreeFeatures(FeatureSet):
     grad_feature = STATE_INDEX["g"]
     state_names = STATE_NAMES
     obs_names = OBS_NAMES
+    obs_directions = tuple(range(7))  # g/√G … m^0.9/√G; the rest are even in g or do not depend on it
 
     def init(self, n: int, horizon: int = 0, dtype: torch.dtype = torch.float32) -> Memory:
         z = torch.zeros(n, dtype=dtype)

@@ -30,6 +30,9 @@ class FeatureSet(ABC):
     grad_feature: int
     state_names: tuple[str, ...] = ()
     obs_names: tuple[str, ...] = ()
+    obs_directions: tuple[int, ...] = ()
+    """Indices of the Ψ features that are update directions (odd in the gradient: they flip sign with
+    it), which a linear base step may combine; the others (noise ratios, loss change, step count) may not."""
 
     def state_index(self, name: str | None) -> int:
         """Index in s_t of the state feature ``name`` (the gradient feature when None or empty)."""

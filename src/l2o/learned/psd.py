@@ -41,7 +41,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,10 +61,11 @@ NET_KEYS = ("W_ih", "W_hh", "b", "W_out", "b_out", "in_mean", "in_std", "out_sca
 """Names of the tensors of ω; the last three are fixed normalisation statistics, not trained."""
 TRAINED_KEYS = ("W_ih", "W_hh", "b", "W_out", "b_out")
 """The entries of ω that the π-step regresses."""
-BASE_KEYS = ("base_u", "base_c")
-"""Optional entries of ω (both or neither): a base step exp(c₀ + c₁:·Ψ)·(uᵀΨ) on the raw Ψ added to
-the LSTM's, i.e. a learned combination of Ψ's directions with a learned log-linear step size (with
-the scale-free Ψ, u = −α·e₀ and c = 0 is AdaGrad at lr α). Absent: no base step (the paper's π)."""
+BASE_KEYS = ("base_u", "base_c", "base_mask")
+"""Optional entries of ω (all or none): a base step exp(c₀ + c₁:·Ψ)·((u ⊙ m)ᵀΨ) on the raw Ψ added to
+the LSTM's, i.e. a learned combination of Ψ's directions (the mask m, fixed, selects the features
+that are update directions) with a learned log-linear step size (with the scale-free Ψ, u = −α·e₀
+and c = 0 is AdaGrad at lr α). Absent: no base step (the paper's π)."""
 BASE_CLAMP = 10.0
 """c₀ + c₁:·Ψ is clamped to ≤ 10 before exp (keeps a bad ω finite)."""
 
@@ -105,14 +106,15 @@ def check_net(net: Mapping[str, Tensor]) -> int:
     """Validate ω's names, shapes and values; return the hidden size H (the input size is W_ih's
     second dimension, :func:`input_size`)."""
     missing, extra = set(NET_KEYS) - set(net), set(net) - set(NET_KEYS) - set(BASE_KEYS)
-    if len(set(BASE_KEYS) & set(net)) == 1:
+    if set(BASE_KEYS) & set(net):
         missing |= set(BASE_KEYS) - set(net)
     if missing or extra:
         raise ValueError(f"PSD policy weights: missing {sorted(missing)}, unexpected {sorted(extra)}")
     H = net["W_hh"].shape[-1]
     P = input_size(net)
     expected = {"W_ih": (4 * H, P), "W_hh": (4 * H, H), "b": (4 * H,), "W_out": (1, H), "b_out": (1,),
-                "in_mean": (P,), "in_std": (P,), "out_scale": (1,), "base_u": (P,), "base_c": (P + 1,)}
+                "in_mean": (P,), "in_std": (P,), "out_scale": (1,), "base_u": (P,), "base_c": (P + 1,),
+                "base_mask": (P,)}
     for name, shape in ((k, v) for k, v in expected.items() if k in net):
         if tuple(net[name].shape) != shape:
             raise ValueError(f"PSD policy weight {name!r} has shape {tuple(net[name].shape)}, expected {shape}")
@@ -137,24 +139,27 @@ def init_hidden(n: int, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype = tor
     return Hidden(*(torch.zeros(n, hidden_size, dtype=dtype, device=device) for _ in range(2)))
 
 
-def init_base(net: Mapping[str, Tensor], index: int, lr: float) -> dict[str, Tensor]:
-    """ω with the base step −``lr``·Ψ[``index``] (u = −lr·e_index, c = 0) and the LSTM's output layer
-    zeroed: π takes exactly that step (e.g. AdaGrad, with the scale-free Ψ and index 0)."""
+def init_base(net: Mapping[str, Tensor], directions: Sequence[int], index: int, lr: float) -> dict[str, Tensor]:
+    """ω with a base step over the Ψ features ``directions``, set to −``lr``·Ψ[``index``] (u = −lr·e_index,
+    c = 0), and the LSTM's output layer zeroed: π takes exactly that step (e.g. AdaGrad, with the
+    scale-free Ψ and index 0)."""
     P = input_size(net)
-    if not 0 <= index < P:
-        raise ValueError(f"base direction index {index} is not one of ω's {P} input features")
+    if not directions or any(not 0 <= i < P for i in directions) or index not in directions:
+        raise ValueError(f"base directions {list(directions)} (with index {index}) must be among ω's {P} input features")
     u = torch.zeros(P, dtype=net["W_hh"].dtype)
     u[index] = -float(lr)
+    mask = torch.zeros(P, dtype=u.dtype)
+    mask[list(directions)] = 1.0
     return {**net, "W_out": torch.zeros_like(net["W_out"]), "b_out": torch.zeros_like(net["b_out"]),
-            "base_u": u, "base_c": torch.zeros(P + 1, dtype=u.dtype)}
+            "base_u": u, "base_c": torch.zeros(P + 1, dtype=u.dtype), "base_mask": mask}
 
 
 def base_step(net: Mapping[str, Tensor], obs: Tensor) -> Tensor | None:
-    """exp(c₀ + c₁:·Ψ)·(uᵀΨ) for raw Ψ [..., P] → [...] (None when ω has no base)."""
+    """exp(c₀ + c₁:·Ψ)·((u ⊙ m)ᵀΨ) for raw Ψ [..., P] → [...] (None when ω has no base)."""
     if "base_u" not in net:
         return None
     c = net["base_c"]
-    return torch.exp((obs @ c[1:] + c[0]).clamp(max=BASE_CLAMP)) * (obs @ net["base_u"])
+    return torch.exp((obs @ c[1:] + c[0]).clamp(max=BASE_CLAMP)) * (obs @ (net["base_u"] * net["base_mask"]))
 
 
 def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor, Hidden]:

@@ -80,7 +80,7 @@ class MetaPSDPESConfig(PESFields):
             raise ValueError(f"psd-pes config: base must be \"adagrad\" or left out, got {self.base!r}")
         if self.base_lr <= 0:
             raise ValueError(f"psd-pes config: base_lr must be > 0, got {self.base_lr!r}")
-        names = TRAINED_KEYS + (BASE_KEYS if self.base else ())
+        names = TRAINED_KEYS + (BASE_KEYS[:2] if self.base else ())
         if self.train is not None:
             if (not isinstance(self.train, list) or not self.train or len(set(self.train)) != len(self.train)
                     or any(k not in names for k in self.train)):
@@ -136,11 +136,11 @@ def load_init(config: MetaPSDPESConfig) -> tuple[dict[str, torch.Tensor], str, s
     if config.base is not None:
         if "base_u" in net:
             raise ValueError(f"psd-pes config: base = {config.base!r} but {path} already has a base step")
-        names = get_feature_set(features).obs_names
-        if "g/sqrtG" not in names:
+        fs = get_feature_set(features)
+        if "g/sqrtG" not in fs.obs_names:
             raise ValueError(f"psd-pes config: base = 'adagrad' needs AdaGrad's direction g/√G in Ψ (the scale-free "
                              f"features); {path} reads {features!r}")
-        net = init_base(net, names.index("g/sqrtG"), config.base_lr)
+        net = init_base(net, fs.obs_directions, fs.obs_names.index("g/sqrtG"), config.base_lr)
     return net, features, hashlib.sha256(path.read_bytes()).hexdigest()
 
 

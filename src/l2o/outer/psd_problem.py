@@ -56,7 +56,7 @@ class PSDProblem:
         if task.batch_size is None:
             raise ValueError("psd-pes meta-training needs a mini-batch task (bfull is not supported)")
         check_net(net)
-        trainable = TRAINED_KEYS + tuple(k for k in BASE_KEYS if k in net)
+        trainable = TRAINED_KEYS + tuple(k for k in BASE_KEYS[:2] if k in net)
         bad = [k for k in train_keys if k not in trainable]
         if bad or not train_keys or len(set(train_keys)) != len(train_keys):
             raise ValueError(f"psd-pes: train must be a non-empty list of distinct keys of {list(trainable)}, "
@@ -146,7 +146,8 @@ class PSDProblem:
         if "base_u" in w:  # exp(c₀ + c₁:·Ψ)·(uᵀΨ) per member, as l2o.learned.psd.base_step
             bc = w["base_c"]
             e = torch.bmm(obs, bc[:, 1:].unsqueeze(-1)).squeeze(-1) + bc[:, :1]
-            out = out + torch.exp(e.clamp(max=BASE_CLAMP)) * torch.bmm(obs, w["base_u"].unsqueeze(-1)).squeeze(-1)
+            u = (w["base_u"] * w["base_mask"]).unsqueeze(-1)
+            out = out + torch.exp(e.clamp(max=BASE_CLAMP)) * torch.bmm(obs, u).squeeze(-1)
         return out, h, c
 
     def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
