@@ -30,7 +30,9 @@ statistics differ by group, and ψ (which is per group) supplies per-group targe
 Inputs are standardised with fixed statistics stored beside ω (``in_mean``, ``in_std``, set from
 the first batch of regression data and then frozen) and the output is scaled by ``out_scale``
 (the spread of ψ's actions at that point), so the LSTM works on O(1) numbers although gradients
-and steps are ~1e-3. :func:`step` is pure: ω is a ``{name: tensor}`` mapping, no state is held.
+and steps are ~1e-3. ω may also carry a base step (:data:`BASE_KEYS`, :func:`init_base`): a learned
+combination of Ψ's update directions with a log-linear step size, added to the LSTM's output, so
+that π can start as exactly a tuned baseline (AdaGrad) and the LSTM learn a correction to it. :func:`step` is pure: ω is a ``{name: tensor}`` mapping, no state is held.
 :class:`FusedPolicy` is the same step for inference, in place on row chunks (what
 :class:`l2o.PredictedStepDescent` runs); :func:`step` stays the reference it is tested against.
 """
