@@ -32,7 +32,8 @@ the first batch of regression data and then frozen) and the output is scaled by 
 (the spread of ψ's actions at that point), so the LSTM works on O(1) numbers although gradients
 and steps are ~1e-3. ω may also carry a base step (:data:`BASE_KEYS`, :func:`init_base`): a learned
 combination of Ψ's update directions with a log-linear step size, added to the LSTM's output, so
-that π can start as exactly a tuned baseline (AdaGrad) and the LSTM learn a correction to it. :func:`step` is pure: ω is a ``{name: tensor}`` mapping, no state is held.
+that π can start as exactly a tuned baseline (AdaGrad) and the LSTM learn a correction to it.
+:func:`step` is pure: ω is a ``{name: tensor}`` mapping, no state is held.
 :class:`FusedPolicy` is the same step for inference, in place on row chunks (what
 :class:`l2o.PredictedStepDescent` runs); :func:`step` stays the reference it is tested against.
 """
@@ -157,11 +158,13 @@ def init_base(net: Mapping[str, Tensor], directions: Sequence[int], index: int, 
 
 
 def base_step(net: Mapping[str, Tensor], obs: Tensor) -> Tensor | None:
-    """exp(c₀ + c₁:·Ψ)·((u ⊙ m)ᵀΨ) for raw Ψ [..., P] → [...] (None when ω has no base)."""
+    """exp(c₀ + c₁:·Ψ)·((u ⊙ m)ᵀΨ) for raw Ψ [..., n, P] → [..., n] (None when ω has no base). The base
+    entries may have leading dimensions [..., P] matching Ψ's (one ω per population member, in PES)."""
     if "base_u" not in net:
         return None
-    c = net["base_c"]
-    return torch.exp((obs @ c[1:] + c[0]).clamp(max=BASE_CLAMP)) * (obs @ (net["base_u"] * net["base_mask"]))
+    c, u = net["base_c"], (net["base_u"] * net["base_mask"]).unsqueeze(-1)
+    e = (obs @ c[..., 1:].unsqueeze(-1)).squeeze(-1) + c[..., :1]
+    return torch.exp(e.clamp(max=BASE_CLAMP)) * (obs @ u).squeeze(-1)
 
 
 def step(net: Mapping[str, Tensor], hidden: Hidden, obs: Tensor) -> tuple[Tensor, Hidden]:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from l2o.features.conv2017 import observation_step
 from l2o.features.sets import FeatureSet, get_feature_set
-from l2o.learned.psd import BASE_CLAMP, BASE_KEYS, NET_KEYS, TRAINED_KEYS, check_net, input_size
+from l2o.learned.psd import BASE_KEYS, NET_KEYS, TRAINED_KEYS, base_step, check_net, input_size
 from l2o.outer.base import State
 from l2o.outer.lopt import SEED_BASE, branch_value_and_grad
 from l2o.tasks.base import Task, flatten
@@ -143,12 +143,8 @@ class PSDProblem:
         c = f * c + i * (2 * gg - 1)
         h = o * (2 * torch.sigmoid(2 * c) - 1)
         out = self.base["out_scale"] * torch.baddbmm(w["b_out"].unsqueeze(1), h, w["W_out"].transpose(1, 2)).squeeze(-1)
-        if "base_u" in w:  # exp(c₀ + c₁:·Ψ)·(uᵀΨ) per member, as l2o.learned.psd.base_step
-            bc = w["base_c"]
-            e = torch.bmm(obs, bc[:, 1:].unsqueeze(-1)).squeeze(-1) + bc[:, :1]
-            u = (w["base_u"] * w["base_mask"]).unsqueeze(-1)
-            out = out + torch.exp(e.clamp(max=BASE_CLAMP)) * torch.bmm(obs, u).squeeze(-1)
-        return out, h, c
+        base = base_step(w, obs)  # each member's own base, if ω has one
+        return (out if base is None else out + base), h, c
 
     def step(self, theta: Tensor, state: State, t: Tensor, gen: torch.Generator) -> tuple[Tensor, State]:
         two, N = theta.shape[0], theta.shape[1]
