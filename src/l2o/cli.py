@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--doc", help="document to write (default docs/REPRODUCTION.md; with --quick OUT/REPRODUCTION.md)")
     rp.add_argument("--skip-missing", action="store_true",
                     help="run the rest when an optimizer cannot run (e.g. weights missing) and mark it absent")
-    rp.add_argument("--optimizers", nargs="+", help="a subset of the paper's nine (default: all nine)")
+    rp.add_argument("--optimizers", nargs="+", help="optimizer specs to run (default: the paper's nine and the learned optimizers beyond the paper, l2o.experiments.reproduce.OPTIMIZERS)")
     _add_common(rp)
     _add_backend(rp)
     rp.set_defaults(func=cmd_reproduce)

@@ -15,6 +15,7 @@ from l2o.cli import main
 from l2o.experiments.reproduce import (
     OPTIMIZERS,
     SETTINGS,
+    TWO_BY_TWO,
     MissingOptimizerError,
     ReproduceConfig,
     judge,
@@ -34,7 +35,8 @@ def _quick(tmp_path, **kw):
 def test_grid_is_the_papers():
     assert [(s.input_dim, s.hidden, s.batch, s.iterations) for s in SETTINGS] == [
         (48, 48, 64, 400), (100, 200, 64, 400), (48, 48, 10, 400), (100, 200, 10, 400), (100, 200, 64, 800)]
-    assert len(OPTIMIZERS) == 9 and OPTIMIZERS[-2:] == ("l2lbgdbgd", "psd")
+    assert len(OPTIMIZERS) == 12 and OPTIMIZERS[7:9] == ("l2lbgdbgd", "psd-paper")
+    assert set(OPTIMIZERS[9:]) | {"psd-paper"} == set(TWO_BY_TWO.values())
     assert ReproduceConfig().n_seeds == 5
     assert [s.iterations for s in ReproduceConfig(quick=True).grid_settings()] == [10, 10, 10, 10, 20]
 
@@ -203,3 +205,22 @@ def test_a_corrupt_manifest_is_an_error_not_a_fresh_start(tmp_path, content):
     assert (out / "manifest.json").read_bytes() == content.encode("latin-1")  # left as it was
     rc = main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out), "--optimizers", "sgd"])
     assert rc == 2
+
+
+def test_learned_optimizers_beyond_the_paper_are_scored_with_the_policy_by_trainer_table(tmp_path):
+    """The two cheap rows of the 2 × 2 (both MLPs) in a one-figure quick grid: each gets a scorecard
+    line, and the 2 × 2 table shows their counts in the right cells and "not run" in the others."""
+    kw = {"optimizers": ("adagrad", "mlp-lopt", "mlp-lopt-gps"), "settings": SETTINGS[:1]}
+    report = _quick(tmp_path, **kw)
+    assert list(report.scorecard) == ["mlp-lopt", "mlp-lopt-gps"]
+    text = report.doc.read_text()
+    for name in ("mlp-lopt", "mlp-lopt-gps"):
+        f = report.scorecard[name]["final"]
+        assert sum(f[v] for v in ("win", "tie", "loss")) == 3
+        assert f"(`{name}`) wins {f['win']} / ties {f['tie']} / loses {f['loss']} by final objective" in text
+    table = text.split("Policy × meta-trainer")[1]
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    mlp = rows["per-coordinate MLP"].split(" | ")
+    assert mlp[1].startswith("`mlp-lopt-gps`: final") and mlp[2].startswith("`mlp-lopt`: final")
+    assert rows["PSD's LSTM"].count("not run") == 2
+    assert "beyond the paper: per-coordinate MLP meta-trained by Persistent ES" in text

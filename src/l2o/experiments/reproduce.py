@@ -2,7 +2,8 @@
 
 The grid is the paper's §4 evaluation: five settings (one per figure: 48-48 or 100-200 MLP, batch
 64 or 10, T = 400 or 800) × three datasets (TFD, CIFAR-10, CIFAR-100, or the best real stand-ins
-found here) × nine optimizers (the seven tuned baselines, L2LBGDBGD, Predicted Step Descent) ×
+found here) × optimizers (the paper's nine: seven tuned baselines, L2LBGDBGD, Predicted Step Descent;
+then the learned optimizers beyond the paper, the rest of issue 12's policy × meta-trainer 2 × 2) ×
 several seeds. Runs go through the benchmark harness (:func:`~l2o.experiments.benchmark.run_grid`:
 spawned worker processes, one atomic record per run, resume skips finished runs). Each figure's
 runs live in their own folder (``OUT/figN/runs/...``) because Figures 2 and 5 share a task and
@@ -112,9 +113,20 @@ QUICK_DATASETS: tuple[DatasetSlot, ...] = tuple(
 """``--quick``: scikit-learn's bundled digits (no download) in every slot, each with its own
 random projection so the three panels are three different problems."""
 
-LEARNED: tuple[str, ...] = ("l2lbgdbgd", "psd")
+PAPER_LEARNED: tuple[str, ...] = ("l2lbgdbgd", "psd-paper")
+"""The paper's two learned optimizers: L2LBGDBGD and its own Predicted Step Descent."""
+TWO_BY_TWO: dict[tuple[str, str], str] = {
+    ("PSD's LSTM", "Convolutional GPS"): "psd-paper",
+    ("PSD's LSTM", "Persistent ES"): "psd-pes",
+    ("per-coordinate MLP", "Convolutional GPS"): "mlp-lopt-gps",
+    ("per-coordinate MLP", "Persistent ES"): "mlp-lopt",
+}
+"""Issue 12's comparison: {policy} × {meta-trainer}, each cell a shipped optimizer; all four are
+meta-trained on the same objective (``mnist:48-48:b64``, T = 400)."""
+LEARNED: tuple[str, ...] = PAPER_LEARNED + tuple(n for n in TWO_BY_TWO.values() if n not in PAPER_LEARNED)
 OPTIMIZERS: tuple[str, ...] = BASELINES + LEARNED
-"""The paper's nine: seven tuned hand-designed baselines, L2LBGDBGD, Predicted Step Descent."""
+"""The paper's nine (seven tuned hand-designed baselines, L2LBGDBGD, Predicted Step Descent), then
+the learned optimizers beyond the paper (the rest of the 2 × 2)."""
 
 QUICK_SEEDS = 2
 QUICK_DIVISOR = 40  # --quick runs T/40 iterations (10, or 20 for Figure 5)
@@ -397,8 +409,7 @@ def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progr
         files[f"figure{st.figure}"] = _plot_figure(st, [c for c in cells if c.setting.figure == st.figure],
                                                    statuses, data, config, figdir / f"figure{st.figure}.png")
     files["csv"] = _write_csv(cells, out / "summary.csv")
-    given = {_base(t) for t in config.optimizers}
-    scorecard = {name: scorecard_counts(cells, name) for name in LEARNED if name in given}
+    scorecard = {name: scorecard_counts(cells, name) for name in _learned_names(config.optimizers)}
     write_json_atomic(out / "scorecard.json", {"rule": SCORECARD_RULE, "scorecard": scorecard,
                                                "cells": _cell_verdicts(cells, [n for n in scorecard])})
     files["scorecard"] = out / "scorecard.json"
@@ -438,6 +449,20 @@ SCORECARD_RULE = (
     "it ties when it ranks first without that margin, or ranks lower but its interval overlaps the first's "
     "(and it did not diverge where the first did not); otherwise it loses. Non-overlap of two 95% intervals is a "
     "conservative test, so a win is a clear win.")
+
+
+def _learned_names(texts: Sequence[str]) -> list[str]:
+    """The learned optimizers among ``texts`` (registry names, in order, once each): the ones scored."""
+    names = []
+    for text in texts:
+        name = _base(text)
+        try:
+            learned = get_optimizer(name).learned
+        except ValueError:  # unknown: reported as absent, not scored
+            continue
+        if learned and name not in names:
+            names.append(name)
+    return names
 
 
 def scorecard_counts(cells: Sequence[Cell], name: str) -> dict[str, dict[str, int]]:
@@ -556,7 +581,8 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
     for s in config.slots():
         d = data[s.paper]
         L.append(f"- **{s.paper}** → `{d['loader']}` = {d['short']}: {d['description']}")
-    L += ["", "Optimizers (the paper's nine):", ""]
+    L += ["", "Optimizers (the paper's nine, then learned optimizers beyond the paper):", ""]
+    cell_of = {name: cell for cell, name in TWO_BY_TWO.items()}
     tuned_src = "the tuned-settings file " + (f"`{config.tuned}`" if config.tuned else
                                               "shipped with l2o (`src/l2o/baselines/tuned.json`)")
     for s in statuses:
@@ -567,6 +593,8 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
                      if s.checkpoint_sha256 else f"- {s.display}: `{s.spec}`, weights `{_rel(s.checkpoint)}`")
         else:
             L.append(f"- {s.display}: `{s.spec}`")
+        if s.name in cell_of and s.name not in PAPER_LEARNED:
+            L[-1] += f" — beyond the paper: {cell_of[s.name][0]} meta-trained by {cell_of[s.name][1]}"
     L += ["", (f"Hand-designed baselines use the hyperparameters in {tuned_src}, {_tuned_protocol(config.tuned)}, "
           "used unchanged here (the paper tunes every algorithm on the training objective only)."), ""]
 
@@ -643,7 +671,7 @@ def _closing(cells, statuses, scorecard, display, config) -> list[str]:
     n = len(cells)
     L = []
     absent = {s.name: s.reason for s in statuses if not s.available}
-    psd = "psd"
+    psd = "psd-paper" if "psd-paper" in scorecard else "psd"
     if psd in absent or psd not in scorecard:
         why = absent.get(psd, "not in the optimizer list")
         L.append(f"**Predicted Step Descent was not run** ({why}), so this document cannot say whether it wins: "
@@ -662,6 +690,28 @@ def _closing(cells, statuses, scorecard, display, config) -> list[str]:
         L.append("")
         L.append(f"For comparison, L2LBGDBGD wins {f['win']} / ties {f['tie']} / loses {f['loss']} by final objective "
                  f"and wins {a['win']} / ties {a['tie']} / loses {a['loss']} by AUC.")
+    beyond = [n for n in scorecard if n not in (psd, "l2lbgdbgd") and n not in absent]
+    for name in beyond:
+        f, a = scorecard[name]["final"], scorecard[name]["auc"]
+        L += ["", f"Beyond the paper, **{display.get(name, name)}** (`{name}`) wins {f['win']} / ties {f['tie']} / loses "
+              f"{f['loss']} by final objective and wins {a['win']} / ties {a['tie']} / loses {a['loss']} by AUC."]
+    cells_2x2 = {k: n for k, n in TWO_BY_TWO.items() if n in scorecard and n not in absent}
+    if len(cells_2x2) > 1:
+        policies = list(dict.fromkeys(p for p, _ in TWO_BY_TWO))
+        trainers = list(dict.fromkeys(t for _, t in TWO_BY_TWO))
+
+        def entry(name: str | None) -> str:
+            if name is None:
+                return "not run"
+            f, a = scorecard[name]["final"], scorecard[name]["auc"]
+            return (f"`{name}`: final {f['win']} / {f['tie']} / {f['loss']}, "
+                    f"AUC {a['win']} / {a['tie']} / {a['loss']}")
+
+        L += ["", (f"Policy × meta-trainer (issue 12's 2 × 2; wins / ties / losses of the {n} cells, every "
+                   "optimizer meta-trained on `mnist:48-48:b64`, T = 400):"), "",
+              "| policy | " + " | ".join(trainers) + " |", "|---" * (len(trainers) + 1) + "|"]
+        for p in policies:
+            L.append(f"| {p} | " + " | ".join(entry(cells_2x2.get((p, t))) for t in trainers) + " |")
     if absent:
         L.append("")
         L.append("Absent optimizers (not run, marked absent above): "

@@ -29,6 +29,7 @@ flattened tensor ops, in place (Python work per step: O(#tensors), plus one MLP 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -439,14 +440,22 @@ class MLPLOpt(torch.optim.Optimizer):
         return self._scratch[key]
 
 
-def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
-    return MLPLOpt(params, checkpoint=hp.get("checkpoint"))
+GPS_CHECKPOINT = WEIGHTS_DIR / "mlp-lopt-gps.safetensors"
+"""The same MLP meta-trained by Convolutional GPS instead of PES (``configs/mlp-lopt-gps.toml``;
+issue 12's GPS × MLP cell), harness name ``mlp-lopt-gps``."""
+
+
+def _factory(params: list[Tensor], hp: dict[str, Any], default: Path = DEFAULT_CHECKPOINT) -> torch.optim.Optimizer:
+    checkpoint = hp.get("checkpoint")
+    return MLPLOpt(params, checkpoint=default if checkpoint in (None, "default") else checkpoint)
 
 
 def _register() -> None:
     from l2o.baselines.registry import OptimizerEntry, register_optimizer
 
     register_optimizer(OptimizerEntry("mlp-lopt", "MLP LOpt", _factory, defaults={"checkpoint": "default"}, learned=True))
+    register_optimizer(OptimizerEntry("mlp-lopt-gps", "MLP LOpt (GPS)", functools.partial(_factory, default=GPS_CHECKPOINT),
+                                      defaults={"checkpoint": "default"}, learned=True))
 
 
 _register()

@@ -540,6 +540,10 @@ def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
 
 
 register_optimizer(OptimizerEntry("psd", "PSD", _factory, defaults={"checkpoint": "default"}, learned=True))
+# The paper's PSD (Convolutional GPS on the paper's features), kept under its own name so that its
+# rows stay reproducible when ``psd``'s default weights change (issue 11); today the same weights.
+register_optimizer(OptimizerEntry("psd-paper", "PSD (paper)", _factory, defaults={"checkpoint": "default"},
+                                  learned=True))
 
 PES_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-pes.safetensors"
 """The packaged PSD policy meta-trained by Persistent ES (``l2o meta-train psd-pes``; issue 12)."""
