@@ -258,3 +258,88 @@ def test_a_non_finite_step_raises_before_any_parameter_moves() -> None:
         _run(opt, ps, 1)
     for p, q in zip(ps, before):
         assert torch.equal(p, q)
+
+
+def test_unrolled_policy_equals_the_matmul_policy() -> None:
+    """The scalar-arithmetic form that torch.compile fuses computes the same Δx and state."""
+    arch = MLPLOptArch(hidden=8)
+    th64 = {k: v.double() for k, v in random_theta(arch).items()}
+    g = torch.randn(500, dtype=torch.float64)
+    st = {k: torch.rand(500, dtype=torch.float64) for k in STATE_KEYS}
+    t = torch.tensor(3.0, dtype=torch.float64)
+    d, new = policy_step(th64, st, g, t, arch)
+    d_u, new_u = policy_step(th64, st, g, t, arch, unrolled=True)
+    torch.testing.assert_close(d_u, d, rtol=1e-12, atol=1e-15)
+    for k in STATE_KEYS:
+        assert torch.equal(new_u[k], new[k])
+
+
+def test_compiled_steps_equal_eager_steps() -> None:
+    """compile=True: five steps of a three-tensor model through torch.compile's fused step give the
+    eager optimizer's parameters and state up to float32 rounding (and it really ran compiled)."""
+    import warnings
+
+    ps_e, ps_c = _model(3), _model(3)
+    th = random_theta(MLPLOptArch())
+    eager, comp = MLPLOpt(ps_e, theta=th, compile=False), MLPLOpt(ps_c, theta=th, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would fail here
+        _run(comp, ps_c, 5)
+    _run(eager, ps_e, 5)
+    assert comp.compile is True
+    for a, b in zip(ps_c, ps_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for k in STATE_KEYS:
+            torch.testing.assert_close(comp.state[a][k], eager.state[b][k], rtol=1e-5, atol=1e-12)
+    assert [l2o.make_optimizer(f"mlp-lopt{o}", _model()).compile for o in ("", ":compile=on", ":compile=off")] == [
+        "auto", True, False]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        l2o.make_optimizer("mlp-lopt:compile=1", _model())
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        MLPLOpt(_model(), compile="yes")
+
+
+def test_compile_failure_falls_back_to_eager_steps_with_a_warning(monkeypatch) -> None:
+    """Where torch.compile cannot compile (no C++ compiler, ...), the step is the eager one and
+    the user is told once; the state is not touched by the failed attempt."""
+    import torch._dynamo
+
+    import l2o.learned.mlp_lopt as M
+
+    def broken(*args: object) -> None:
+        raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: no working C++ compiler")
+
+    for failing in (0, 1):  # the first pass fails (nothing touched), or the second (run eagerly)
+        passes = [M._update_and_mean_squares_, M._step_from_state]
+        passes[failing] = broken
+        monkeypatch.setattr(M, "compiled_passes", lambda passes=tuple(passes): passes)
+        ps_e, ps_c = _model(4), _model(4)
+        eager, comp = MLPLOpt(ps_e, compile=False), MLPLOpt(ps_c, compile=True)
+        with pytest.warns(RuntimeWarning, match="torch.compile failed .*InvalidCxxCompiler"):
+            _run(comp, ps_c, 3)
+        _run(eager, ps_e, 3)
+        assert comp.compile is False
+        for a, b in zip(ps_c, ps_e):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            for k in STATE_KEYS:
+                torch.testing.assert_close(comp.state[a][k], eager.state[b][k], rtol=1e-6, atol=1e-12)
+
+
+def test_auto_compiles_only_large_tensors(monkeypatch) -> None:
+    """compile="auto" (the default) sends a tensor through the compiled passes only from
+    COMPILE_MIN coordinates on: here the threshold is lowered to 30, so the 7×5 weight compiles and
+    the 7 and 3×7 tensors do not."""
+    import l2o.learned.mlp_lopt as M
+
+    seen = []
+
+    def spy(theta, flat, g, consts):
+        seen.append(g.numel())
+        return None  # then the eager step runs
+
+    monkeypatch.setattr(M, "COMPILE_MIN", 30)
+    ps = _model(5)
+    opt = MLPLOpt(ps)
+    monkeypatch.setattr(opt, "_compiled_step", spy)
+    _run(opt, ps, 2)
+    assert seen == [35, 35]

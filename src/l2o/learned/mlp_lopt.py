@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +69,10 @@ CHUNK = 8192
 """Coordinates per block of the front end's MLP on large tensors: keeps the [H, CHUNK] hidden layer
 in cache (a [H, 10⁶] hidden layer made one step ≈ 5× slower on one CPU thread). The Python work per
 step is O(#tensors + n/CHUNK); everything else is one flattened tensor op per tensor."""
+COMPILE_MIN = 1 << 16
+"""With ``compile="auto"``, :class:`MLPLOpt` compiles the step of tensors with at least this many
+coordinates (``python benchmarks/bench_step_time.py``: compiled steps are slower than eager ones on
+the 48-48-10 net's tensors and ≈ 2× faster on the 784-1250-10 net's)."""
 MAG_CLAMP = 10.0
 """μ is clamped to ≤ 10 before exp (keeps a bad θ finite)."""
 
@@ -162,18 +167,27 @@ def update_state(state: Mapping[str, Tensor], g: Tensor) -> dict[str, Tensor]:
     }
 
 
+def feature_rows(state: Mapping[str, Tensor], g: Tensor, consts: Mapping[str, Tensor]) -> list[Tensor]:
+    """:func:`features`' 8 rows as separate tensors (no [8, n] tensor: lets ``torch.compile`` fuse
+    each row into the loops that use it)."""
+    sqrt_g = state["G"].sqrt() + EPS_ADAGRAD
+    rv99 = state["v099"].sqrt()
+    inv999 = torch.reciprocal(state["v0999"].sqrt() + consts["eps999"])
+    return [g / sqrt_g, g / (rv99 + EPS_ADAPTIVE), state["m09"] * inv999, state["m09"] / sqrt_g,
+            state["m05"] * inv999, state["m099"] * inv999, g * inv999, rv99 * inv999]
+
+
 def features(state: Mapping[str, Tensor], g: Tensor, consts: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
     """The 8 per-coordinate feature rows [8, n] from the *updated* state (flat [n]), up to the row
     scales ``consts["rs"]``: d_k = rs_k·row_k are the K = 7 directions of the module docstring and
     rs_7·row_7 the noise feature r. (With u := u ⊙ rs the linear path is exact; the RMS-normalised
     rows the MLP sees do not depend on positive row scales.) ``out``: a [8, n] buffer to fill
     (no vmap), else the rows are stacked."""
+    if out is None:
+        return torch.stack(feature_rows(state, g, consts))
     sqrt_g = state["G"].sqrt().add_(EPS_ADAGRAD)
     rv99 = state["v099"].sqrt()
     inv999 = torch.reciprocal(state["v0999"].sqrt().add_(consts["eps999"]))
-    if out is None:
-        return torch.stack([g / sqrt_g, g / (rv99 + EPS_ADAPTIVE), state["m09"] * inv999, state["m09"] / sqrt_g,
-                            state["m05"] * inv999, state["m099"] * inv999, g * inv999, rv99 * inv999])
     torch.div(g, sqrt_g, out=out[0])
     torch.div(g, rv99 + EPS_ADAPTIVE, out=out[1])
     torch.mul(state["m09"], inv999, out=out[2])
@@ -203,36 +217,68 @@ def _mlp_out(W1n: Tensor, bias: Tensor, W2: Tensor, b2: Tensor, phi: Tensor, chu
     return res
 
 
-def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Tensor, t: Tensor,
-                arch: MLPLOptArch, chunk: int | None = None, consts: Mapping[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+def _mlp_unrolled(W1n: Tensor, bias: Tensor, W2: Tensor, b2: Tensor, phi: Tensor | Sequence[Tensor]) -> Tensor:
+    """:func:`_mlp_out` as per-coordinate scalar arithmetic (no matmul): under ``torch.compile``
+    it becomes one fused loop over the coordinates, with no [H, n] hidden layer in memory."""
+    o0, o1 = b2[0], b2[1]
+    for j in range(W1n.shape[1]):
+        a = bias[j]
+        for f in range(len(phi)):
+            a = a + W1n[f, j] * phi[f]
+        a = torch.relu(a)
+        o0, o1 = o0 + W2[j, 0] * a, o1 + W2[j, 1] * a
+    return o0 * torch.exp(o1.clamp(max=MAG_CLAMP))
+
+
+def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Tensor, t: Tensor | None,
+                arch: MLPLOptArch, chunk: int | None = None, consts: Mapping[str, Tensor] | None = None,
+                unrolled: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """One step for one parameter tensor, flattened: returns (Δx [n], new state); x ← x + Δx.
 
     ``g`` is the gradient [n], ``state`` the accumulators [n] each, ``t`` the 1-based step index
     (0-d tensor; ``consts`` = :func:`step_constants` (t) if already computed). Pure: usable under
     ``torch.func.vmap`` over θ, state, g and t when ``chunk`` is None; with ``chunk`` (the front
     end, no autograd) the MLP runs CHUNK coordinates at a time into preallocated buffers. The
-    per-tensor RMS normalisation of φ is folded into W1's rows.
+    per-tensor RMS normalisation of φ is folded into W1's rows. ``unrolled`` writes the MLP and
+    the linear term as scalar arithmetic (:func:`_mlp_unrolled`; for :func:`compiled_step_`).
     """
     consts = step_constants(t) if consts is None else consts
     new = update_state(state, g)
     buffer = None if chunk is None else torch.empty((N_COORD_FEATURES, g.shape[-1]), dtype=g.dtype, device=g.device)
     phi = features(new, g, consts, out=buffer)
-    tau = consts["tau"].to(g.dtype)
-    c = theta["c"]
-    step_size = arch.base_lr * torch.exp(c[0] + (c[1:] * tau).sum())
-    linear = (theta["u"] * consts["rs"][:N_DIRECTIONS].to(g.dtype)) @ phi[:N_DIRECTIONS]
     if chunk is None:
-        inv_rms = torch.rsqrt(phi.square().mean(dim=-1) + 1e-12)
+        mean_square = phi.square().mean(dim=-1)
     else:
-        inv_rms = torch.rsqrt(torch.linalg.vector_norm(phi, dim=-1).square() / phi.shape[-1] + 1e-12)
-    W1 = theta["W1"]
-    W1n = W1[:N_COORD_FEATURES] * inv_rms.unsqueeze(-1)
-    bias = theta["b1"] + tau @ W1[N_COORD_FEATURES:]
-    mlp = _mlp_out(W1n, bias, theta["W2"], theta["b2"], phi, chunk)
+        mean_square = torch.linalg.vector_norm(phi, dim=-1).square() / phi.shape[-1]
+    return step_from_features(step_weights(theta, mean_square, consts, arch), phi, chunk, unrolled=unrolled), new
+
+
+def step_weights(theta: Mapping[str, Tensor], mean_square: Tensor, consts: Mapping[str, Tensor],
+                 arch: MLPLOptArch) -> dict[str, Any]:
+    """What Δx needs besides φ, for one tensor at one step: the step size α₀·exp(c₀ + c₁:·τ), u with
+    the row scales folded in, W1's φ rows divided by φ's RMS over the tensor (``mean_square`` [8]),
+    b1 + τᵀ·W1's τ rows, W2, b2 and −α₁."""
+    tau = consts["tau"].to(mean_square.dtype)
+    c, W1 = theta["c"], theta["W1"]
+    return {"step_size": arch.base_lr * torch.exp(c[0] + (c[1:] * tau).sum()),
+            "u": theta["u"] * consts["rs"][:N_DIRECTIONS].to(mean_square.dtype),
+            "W1n": W1[:N_COORD_FEATURES] * torch.rsqrt(mean_square + 1e-12).unsqueeze(-1),
+            "bias": theta["b1"] + tau @ W1[N_COORD_FEATURES:], "W2": theta["W2"], "b2": theta["b2"],
+            "mlp_scale": -arch.mlp_scale}
+
+
+def step_from_features(w: Mapping[str, Any], phi: Tensor | Sequence[Tensor], chunk: int | None = None,
+                       out: Tensor | None = None, unrolled: bool = False) -> Tensor:
+    """Δx [n] from :func:`step_weights` ``w`` and the feature rows φ [8, n] (a list of rows if
+    ``unrolled``): the policy of the module docstring. With ``chunk``, in place in φ's buffers
+    (``out``: the MLP's)."""
+    u = w["u"]
+    linear = sum(u[k] * phi[k] for k in range(N_DIRECTIONS)) if unrolled else u @ phi[:N_DIRECTIONS]
+    mlp = (_mlp_unrolled(w["W1n"], w["bias"], w["W2"], w["b2"], phi) if unrolled
+           else _mlp_out(w["W1n"], w["bias"], w["W2"], w["b2"], phi, chunk, out=out))
     if chunk is None:
-        return -(step_size * linear + arch.mlp_scale * mlp), new
-    return linear.mul_(-step_size).add_(mlp, alpha=-arch.mlp_scale), new
+        return -w["step_size"] * linear + w["mlp_scale"] * mlp
+    return linear.mul_(-w["step_size"]).add_(mlp, alpha=w["mlp_scale"])
 
 
 def inputs(state: Mapping[str, Tensor], g: Tensor, t: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
@@ -290,16 +336,31 @@ def policy_step_(theta: Mapping[str, Tensor], state: dict[str, Tensor], g: Tenso
     torch.mul(m05, inv999, out=phi[4])
     torch.mul(m099, inv999, out=phi[5])
     torch.mul(g, inv999, out=phi[6])
-    tau = consts["tau"].to(g.dtype)
-    c = theta["c"]
-    step_size = arch.base_lr * torch.exp(c[0] + (c[1:] * tau).sum())
-    linear = (theta["u"] * consts["rs"][:N_DIRECTIONS].to(g.dtype)) @ phi[:N_DIRECTIONS]
-    inv_rms = torch.rsqrt(torch.linalg.vector_norm(phi, dim=-1).square() / phi.shape[-1] + 1e-12)
-    W1 = theta["W1"]
-    W1n = W1[:N_COORD_FEATURES] * inv_rms.unsqueeze(-1)
-    bias = theta["b1"] + tau @ W1[N_COORD_FEATURES:]
-    mlp = _mlp_out(W1n, bias, theta["W2"], theta["b2"], phi, chunk, out=scratch["mlp"])
-    return linear.mul_(-step_size).add_(mlp, alpha=-arch.mlp_scale)
+    mean_square = torch.linalg.vector_norm(phi, dim=-1).square() / phi.shape[-1]
+    return step_from_features(step_weights(theta, mean_square, consts, arch), phi, chunk, out=scratch["mlp"])
+
+
+def _update_and_mean_squares_(state: dict[str, Tensor], g: Tensor, consts: Mapping[str, Tensor]) -> Tensor:
+    new = update_state(state, g)
+    for k in STATE_KEYS:
+        state[k].copy_(new[k])
+    return torch.stack([r.square().mean() for r in feature_rows(new, g, consts)])
+
+
+def _step_from_state(w: Mapping[str, Any], state: Mapping[str, Tensor], g: Tensor, consts: Mapping[str, Tensor]
+                     ) -> Tensor:
+    return step_from_features(w, feature_rows(state, g, consts), unrolled=True)
+
+
+@functools.cache
+def compiled_passes() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """:func:`policy_step_`'s job as two ``torch.compile``d passes over the coordinates: (1)
+    ``(state, g, consts) → mean squares of φ`` with the state updated in place, (2) ``(θ, state, g,
+    consts, arch, mean squares) → Δx``: φ recomputed from the new state, the linear term and the
+    MLP (:func:`_mlp_unrolled`). φ never goes to memory, which halves the memory traffic of a
+    large tensor's step. Each compiles on its first call (tens of seconds; needs a C++ compiler)
+    for every tensor size; equal to :func:`policy_step_` up to float rounding."""
+    return (torch.compile(_update_and_mean_squares_, dynamic=True), torch.compile(_step_from_state, dynamic=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +418,12 @@ class MLPLOpt(torch.optim.Optimizer):
 
     ``checkpoint``: a policy file (kind ``l2o-mlp-lopt-policy``) or a PES training checkpoint;
     ``None``/``"default"`` loads the packaged θ. ``theta``/``arch`` instead give θ directly
-    (e.g. :func:`init_theta`, the AdaGrad-equivalent θ₀). Each parameter tensor keeps its
+    (e.g. :func:`init_theta`, the AdaGrad-equivalent θ₀). ``compile``: a parameter tensor's step
+    runs as two ``torch.compile``d passes (:func:`compiled_passes`: ≈ 2× faster on large tensors,
+    the same steps up to float rounding; the first such step compiles for tens of seconds, cached
+    on disk by torch) — ``"auto"`` for tensors of at least :data:`COMPILE_MIN` coordinates (below
+    that, the compiled call's overhead outweighs its gain), ``True`` for all, ``False`` for none.
+    Where nothing can be compiled it warns once and steps eagerly. Each parameter tensor keeps its
     accumulators and step count in ``self.state`` (exact ``state_dict`` round trip); a parameter
     whose ``.grad`` is ``None`` is skipped. The loss is not used (any value, zero or negative, is
     fine). A NaN/inf gradient, or a non-finite step from a bad θ, raises ``FloatingPointError``
@@ -365,7 +431,10 @@ class MLPLOpt(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], checkpoint: str | os.PathLike | None = None,
-                 *, theta: Mapping[str, Tensor] | None = None, arch: MLPLOptArch | None = None) -> None:
+                 *, theta: Mapping[str, Tensor] | None = None, arch: MLPLOptArch | None = None,
+                 compile: bool | str = "auto") -> None:
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"MLPLOpt: compile must be True, False or 'auto', got {compile!r}")
         if theta is not None:
             if checkpoint is not None:
                 raise ValueError("MLPLOpt: pass checkpoint= or theta=, not both")
@@ -378,6 +447,7 @@ class MLPLOpt(torch.optim.Optimizer):
             self.checkpoint = str(path)
         self._theta_cache: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
         self._scratch: dict[tuple[int, torch.dtype, torch.device], dict[str, Tensor]] = {}
+        self.compile = compile
         super().__init__(params, {})
 
     def _theta_for(self, like: Tensor) -> dict[str, Tensor]:
@@ -417,8 +487,11 @@ class MLPLOpt(torch.optim.Optimizer):
                 if not state[k].is_contiguous():
                     state[k] = state[k].contiguous()
             flat = {k: state[k].view(-1) for k in STATE_KEYS}
-            delta = policy_step_(self._theta_for(p), flat, g.to(p.dtype), consts[key], self.arch,
-                                 self._scratch_for(g))
+            compiled = self.compile is True or (self.compile == "auto" and g.numel() >= COMPILE_MIN)
+            delta = self._compiled_step(self._theta_for(p), flat, g.to(p.dtype), consts[key]) if compiled else None
+            if delta is None:
+                delta = policy_step_(self._theta_for(p), flat, g.to(p.dtype), consts[key], self.arch,
+                                     self._scratch_for(g))
             if not bool(torch.isfinite(delta.sum())) and not torch.isfinite(delta).all():
                 raise FloatingPointError(f"MLPLOpt: the policy's step for a parameter of shape {tuple(p.shape)} "
                                          "is not finite (no parameter was moved)")
@@ -427,6 +500,31 @@ class MLPLOpt(torch.optim.Optimizer):
         for p, delta in deltas:
             p.add_(delta.view_as(p))
         return loss
+
+    def _compiled_step(self, theta: dict[str, Tensor], flat: dict[str, Tensor], g: Tensor,
+                       consts: dict[str, Tensor]) -> Tensor | None:
+        """Δx by :func:`compiled_passes` (the state updated in place); where ``torch.compile``
+        cannot compile a pass here, a warning and eager steps from now on: None if the first pass
+        failed (it fails before touching the state), else the second pass run eagerly."""
+        import torch._dynamo
+
+        update, step = compiled_passes()
+        try:
+            mean_square = update(flat, g, consts)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            return self._compile_failed(e)
+        try:
+            w = step_weights(theta, mean_square, consts, self.arch)
+            return step(w, flat, g, consts)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            self._compile_failed(e)
+            return _step_from_state(w, flat, g, consts)
+
+    def _compile_failed(self, e: Exception) -> None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"MLPLOpt(compile={self.compile!r}): torch.compile failed ({type(e).__name__}: {first}); "
+                      "using the eager step", RuntimeWarning, stacklevel=4)
+        self.compile = False
 
     def _scratch_for(self, g: Tensor) -> dict[str, Tensor]:
         """Work buffers reused across steps (fresh multi-MB tensors cost page faults every step)."""
@@ -445,17 +543,24 @@ GPS_CHECKPOINT = WEIGHTS_DIR / "mlp-lopt-gps.safetensors"
 issue 12's GPS × MLP cell), harness name ``mlp-lopt-gps``."""
 
 
+_COMPILE_OPTIONS = {"auto": "auto", "on": True, "off": False}
+
+
 def _factory(params: list[Tensor], hp: dict[str, Any], default: Path = DEFAULT_CHECKPOINT) -> torch.optim.Optimizer:
-    checkpoint = hp.get("checkpoint")
-    return MLPLOpt(params, checkpoint=default if checkpoint in (None, "default") else checkpoint)
+    checkpoint, compile_ = hp.get("checkpoint"), hp.get("compile", "auto")
+    if compile_ not in _COMPILE_OPTIONS:
+        raise ValueError(f"mlp-lopt: compile must be one of {sorted(_COMPILE_OPTIONS)}, got {compile_!r}")
+    return MLPLOpt(params, checkpoint=default if checkpoint in (None, "default") else checkpoint,
+                   compile=_COMPILE_OPTIONS[compile_])
 
 
 def _register() -> None:
     from l2o.baselines.registry import OptimizerEntry, register_optimizer
 
-    register_optimizer(OptimizerEntry("mlp-lopt", "MLP LOpt", _factory, defaults={"checkpoint": "default"}, learned=True))
+    defaults = {"checkpoint": "default", "compile": "auto"}
+    register_optimizer(OptimizerEntry("mlp-lopt", "MLP LOpt", _factory, defaults=defaults, learned=True))
     register_optimizer(OptimizerEntry("mlp-lopt-gps", "MLP LOpt (GPS)", functools.partial(_factory, default=GPS_CHECKPOINT),
-                                      defaults={"checkpoint": "default"}, learned=True))
+                                      defaults=defaults, learned=True))
 
 
 _register()
