@@ -89,6 +89,23 @@ def test_base_entries_are_validated(tmp_path):
         psd.check_net({**based, "base_c": torch.zeros(3)})
     with pytest.raises(ValueError, match="index"):
         psd.init_base(net, range(7), 13, 0.1)
-    assert based["base_mask"].tolist() == [1.0] * 7 + [0.0] * 6
+    assert based["base_mask"].tolist() == [[1.0] * 7 + [0.0] * 6, [1.0] * 13]
+    with pytest.raises(ValueError, match="schedule"):
+        psd.init_base(net, range(7), 0, 0.1, schedule=[13])
     loaded, _ = psd.load_policy(psd.save_policy(tmp_path / "b.safetensors", based, {"features": "scale-free"}))
     assert set(psd.BASE_KEYS) <= set(loaded) and float(loaded["base_u"][0]) == pytest.approx(-0.1)
+
+
+def test_base_step_size_reads_only_its_schedule_features():
+    """With schedule = the step-count embedding, c's entries on other features have no effect, and
+    c on the embedding scales the step by exp(c·τ)."""
+    net = psd.init_net(0, hidden_size=8, input_size=13)
+    based = psd.init_base(net, range(7), 0, 0.1, schedule=[10, 11, 12])
+    obs = torch.randn(50, 13)
+    ref = psd.base_step(based, obs)
+    torch.testing.assert_close(ref, -0.1 * obs[:, 0])
+    c = torch.zeros(14)
+    c[1:11] = torch.randn(10)  # features 0..9: outside the schedule
+    assert torch.equal(psd.base_step({**based, "base_c": c}, obs), ref)
+    c[12] = 0.7  # feature 11, a τ
+    torch.testing.assert_close(psd.base_step({**based, "base_c": c}, obs), ref * torch.exp(0.7 * obs[:, 11]))

@@ -38,7 +38,8 @@ def test_batched_inner_step_equals_predicted_step_descent(features: str, base: b
         g = torch.Generator().manual_seed(9)
         net.update(base_u=0.05 * torch.randn(OBS[features], generator=g),
                    base_c=0.3 * torch.randn(OBS[features] + 1, generator=g),
-                   base_mask=(torch.arange(OBS[features]) % 3 != 2).float())  # some features masked out
+                   base_mask=torch.stack([(torch.arange(OBS[features]) % 3 != 2).float(),  # some directions and
+                                          (torch.arange(OBS[features]) % 4 != 1).float()]))  # step-size features masked out
         keys = TRAINED_KEYS + BASE_KEYS[:2]
     problem = PSDProblem(task, net, features, keys)
     N, steps = 2, 5
@@ -141,6 +142,11 @@ def test_a_base_adagrad_start_trains_the_base_and_the_lstm_correction(tmp_path) 
     paper = _policy_file(tmp_path / "paper.safetensors", "paper2017")
     with pytest.raises(ValueError, match="scale-free"):
         build_problem(_config(paper, base="adagrad"), task)
+    timed = build_problem(_config(init, base="adagrad", base_schedule="time"), task)
+    mask = timed.net(timed.theta0())["base_mask"]
+    assert mask[0].tolist() == [1.0] * 7 + [0.0] * 6 and mask[1].tolist() == [0.0] * 10 + [1.0] * 3  # the τ's
+    with pytest.raises(ValueError, match="base_schedule"):
+        _config(init, base="adagrad", base_schedule="loss")
 
 
 def test_config_rejects_bad_values_with_clear_errors(tmp_path) -> None:

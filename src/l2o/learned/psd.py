@@ -117,7 +117,7 @@ def check_net(net: Mapping[str, Tensor]) -> int:
     P = input_size(net)
     expected = {"W_ih": (4 * H, P), "W_hh": (4 * H, H), "b": (4 * H,), "W_out": (1, H), "b_out": (1,),
                 "in_mean": (P,), "in_std": (P,), "out_scale": (1,), "base_u": (P,), "base_c": (P + 1,),
-                "base_mask": (P,)}
+                "base_mask": (2, P)}
     for name, shape in ((k, v) for k, v in expected.items() if k in net):
         if tuple(net[name].shape) != shape:
             raise ValueError(f"PSD policy weight {name!r} has shape {tuple(net[name].shape)}, expected {shape}")
@@ -142,28 +142,36 @@ def init_hidden(n: int, hidden_size: int = HIDDEN_SIZE, dtype: torch.dtype = tor
     return Hidden(*(torch.zeros(n, hidden_size, dtype=dtype, device=device) for _ in range(2)))
 
 
-def init_base(net: Mapping[str, Tensor], directions: Sequence[int], index: int, lr: float) -> dict[str, Tensor]:
+def init_base(net: Mapping[str, Tensor], directions: Sequence[int], index: int, lr: float,
+              schedule: Sequence[int] | None = None) -> dict[str, Tensor]:
     """ω with a base step over the Ψ features ``directions``, set to −``lr``·Ψ[``index``] (u = −lr·e_index,
     c = 0), and the LSTM's output layer zeroed: π takes exactly that step (e.g. AdaGrad, with the
-    scale-free Ψ and index 0)."""
+    scale-free Ψ and index 0). The step size exp(c₀ + c·Ψ) reads the Ψ features ``schedule``
+    (default all; e.g. only the step-count embedding, for a learned schedule in t)."""
     P = input_size(net)
     if not directions or any(not 0 <= i < P for i in directions) or index not in directions:
         raise ValueError(f"base directions {list(directions)} (with index {index}) must be among ω's {P} input features")
+    schedule = range(P) if schedule is None else schedule
+    if any(not 0 <= i < P for i in schedule):
+        raise ValueError(f"base schedule features {list(schedule)} must be among ω's {P} input features")
     u = torch.zeros(P, dtype=net["W_hh"].dtype)
     u[index] = -float(lr)
-    mask = torch.zeros(P, dtype=u.dtype)
-    mask[list(directions)] = 1.0
+    mask = torch.zeros(2, P, dtype=u.dtype)
+    mask[0, list(directions)] = 1.0
+    mask[1, list(schedule)] = 1.0
     return {**net, "W_out": torch.zeros_like(net["W_out"]), "b_out": torch.zeros_like(net["b_out"]),
             "base_u": u, "base_c": torch.zeros(P + 1, dtype=u.dtype), "base_mask": mask}
 
 
 def base_step(net: Mapping[str, Tensor], obs: Tensor) -> Tensor | None:
-    """exp(c₀ + c₁:·Ψ)·((u ⊙ m)ᵀΨ) for raw Ψ [..., n, P] → [..., n] (None when ω has no base). The base
-    entries may have leading dimensions [..., P] matching Ψ's (one ω per population member, in PES)."""
+    """exp(c₀ + (c₁: ⊙ m₁)·Ψ)·((u ⊙ m₀)ᵀΨ) for raw Ψ [..., n, P] → [..., n] (None when ω has no base;
+    m = ``base_mask`` [2, P]: the directions, the step size's features). The base entries may have
+    leading dimensions [..., P] matching Ψ's (one ω per population member, in PES)."""
     if "base_u" not in net:
         return None
-    c, u = net["base_c"], (net["base_u"] * net["base_mask"]).unsqueeze(-1)
-    e = (obs @ c[..., 1:].unsqueeze(-1)).squeeze(-1) + c[..., :1]
+    m = net["base_mask"]
+    c, u = net["base_c"], (net["base_u"] * m[..., 0, :]).unsqueeze(-1)
+    e = (obs @ (c[..., 1:] * m[..., 1, :]).unsqueeze(-1)).squeeze(-1) + c[..., :1]
     return torch.exp(e.clamp(max=BASE_CLAMP)) * (obs @ u).squeeze(-1)
 
 

@@ -44,7 +44,8 @@ class MetaPSDPESConfig(PESFields):
     (``"default"`` = the packaged weights). ``base = "adagrad"`` gives the starting ω the base step
     of :func:`l2o.learned.psd.init_base`, AdaGrad at lr ``base_lr`` (scale-free Ψ only), with the
     LSTM's output layer zeroed, so the starting π is exactly AdaGrad and the LSTM learns a
-    correction. ``train``: which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and,
+    correction; its step size reads all of Ψ (``base_schedule = "all"``) or only the step-count
+    embedding tanh(t/τ) (``"time"``: a learned schedule in t, as mlp-lopt's). ``train``: which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and,
     with a base, base_u, base_c; default the first five). PES (:class:`~l2o.outer.pes.PESFields`):
     ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
     ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
@@ -56,6 +57,7 @@ class MetaPSDPESConfig(PESFields):
     init_from: str = "default"
     base: str | None = None
     base_lr: float = 0.1
+    base_schedule: str = "all"
     train: list[str] | None = None
     # the PES fields are PESFields'; these override its defaults
     meta_lr: float = 1e-4
@@ -80,6 +82,8 @@ class MetaPSDPESConfig(PESFields):
             raise ValueError(f"psd-pes config: base must be \"adagrad\" or left out, got {self.base!r}")
         if self.base_lr <= 0:
             raise ValueError(f"psd-pes config: base_lr must be > 0, got {self.base_lr!r}")
+        if self.base_schedule not in ("all", "time"):
+            raise ValueError(f"psd-pes config: base_schedule must be \"all\" or \"time\", got {self.base_schedule!r}")
         names = TRAINED_KEYS + (BASE_KEYS[:2] if self.base else ())
         if self.train is not None:
             if (not isinstance(self.train, list) or not self.train or len(set(self.train)) != len(self.train)
@@ -140,7 +144,9 @@ def load_init(config: MetaPSDPESConfig) -> tuple[dict[str, torch.Tensor], str, s
         if "g/sqrtG" not in fs.obs_names:
             raise ValueError(f"psd-pes config: base = 'adagrad' needs AdaGrad's direction g/√G in Ψ (the scale-free "
                              f"features); {path} reads {features!r}")
-        net = init_base(net, fs.obs_directions, fs.obs_names.index("g/sqrtG"), config.base_lr)
+        schedule = None if config.base_schedule == "all" else [i for i, n in enumerate(fs.obs_names)
+                                                                 if n.startswith("tanh(t/")]
+        net = init_base(net, fs.obs_directions, fs.obs_names.index("g/sqrtG"), config.base_lr, schedule)
     return net, features, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
