@@ -94,6 +94,12 @@ def test_base_entries_are_validated(tmp_path):
         psd.init_base(net, range(7), 0, 0.1, schedule=[13])
     loaded, _ = psd.load_policy(psd.save_policy(tmp_path / "b.safetensors", based, {"features": "scale-free"}))
     assert set(psd.BASE_KEYS) <= set(loaded) and float(loaded["base_u"][0]) == pytest.approx(-0.1)
+    # a file from before the step size's mask ([P] directions only) loads as a step size on all of Ψ
+    from l2o.checkpoint import save_checkpoint
+
+    old = save_checkpoint(tmp_path / "old.safetensors", {**based, "base_mask": based["base_mask"][0].clone()},
+                          {"features": "scale-free"}, kind=psd.POLICY_KIND)
+    assert psd.load_policy(old)[0]["base_mask"].tolist() == [[1.0] * 7 + [0.0] * 6, [1.0] * 13]
 
 
 def test_base_step_size_reads_only_its_schedule_features():

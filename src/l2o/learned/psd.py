@@ -286,6 +286,9 @@ def load_policy(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, A
     """Read and verify ω and its metadata; a corrupt, tampered or wrong-kind file raises
     :class:`l2o.checkpoint.CheckpointError`."""
     tensors, meta = load_checkpoint(path, kind=POLICY_KIND)
+    mask = tensors.get("base_mask")
+    if mask is not None and mask.dim() == 1:  # written before the step size had its own mask: it read all of Ψ
+        tensors = {**tensors, "base_mask": torch.stack([mask, torch.ones_like(mask)])}
     try:
         check_net(tensors)
     except ValueError as e:
