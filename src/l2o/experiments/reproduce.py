@@ -116,13 +116,14 @@ random projection so the three panels are three different problems."""
 PAPER_LEARNED: tuple[str, ...] = ("l2lbgdbgd", "psd-paper")
 """The paper's two learned optimizers: L2LBGDBGD and its own Predicted Step Descent."""
 TWO_BY_TWO: dict[tuple[str, str], str] = {
-    ("PSD's LSTM", "Convolutional GPS"): "psd-paper",
+    ("PSD's LSTM", "Convolutional GPS"): "psd-gps",
     ("PSD's LSTM", "Persistent ES"): "psd-pes",
     ("per-coordinate MLP", "Convolutional GPS"): "mlp-lopt-gps",
     ("per-coordinate MLP", "Persistent ES"): "mlp-lopt",
 }
 """Issue 12's comparison: {policy} × {meta-trainer}, each cell a shipped optimizer; all four are
-meta-trained on the same objective (``mnist:48-48:b64``, T = 400)."""
+meta-trained on the same objective (``mnist:48-48:b64``, T = 400) and read scale-free features
+(the paper's PSD, ``psd-paper``, is GPS × LSTM on the paper's features)."""
 LEARNED: tuple[str, ...] = PAPER_LEARNED + tuple(n for n in TWO_BY_TWO.values() if n not in PAPER_LEARNED)
 OPTIMIZERS: tuple[str, ...] = BASELINES + LEARNED
 """The paper's nine (seven tuned hand-designed baselines, L2LBGDBGD, Predicted Step Descent), then

@@ -40,6 +40,7 @@ that π can start as exactly a tuned baseline (AdaGrad) and the LSTM learn a cor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -558,11 +559,17 @@ register_optimizer(OptimizerEntry("psd-paper", "PSD (paper)", _factory, defaults
 
 PES_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-pes.safetensors"
 """The packaged PSD policy meta-trained by Persistent ES (``l2o meta-train psd-pes``; issue 12)."""
+GPS_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-gps.safetensors"
+"""PSD on the scale-free features by Convolutional GPS from ψ₀ = AdaGrad, iteration 0's π
+(``configs/psd-scale-free.toml``; the start of ``psd-pes``): issue 12's GPS × LSTM cell."""
 
 
-def _pes_factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
+def _named_factory(params: list[Tensor], hp: dict[str, Any], default: Path) -> torch.optim.Optimizer:
     checkpoint = hp.get("checkpoint")
-    return PredictedStepDescent(params, checkpoint=PES_CHECKPOINT if checkpoint in (None, "default") else checkpoint)
+    return PredictedStepDescent(params, checkpoint=default if checkpoint in (None, "default") else checkpoint)
 
 
-register_optimizer(OptimizerEntry("psd-pes", "PSD (PES)", _pes_factory, defaults={"checkpoint": "default"}, learned=True))
+register_optimizer(OptimizerEntry("psd-pes", "PSD (PES)", functools.partial(_named_factory, default=PES_CHECKPOINT),
+                                  defaults={"checkpoint": "default"}, learned=True))
+register_optimizer(OptimizerEntry("psd-gps", "PSD (scale-free GPS)", functools.partial(_named_factory,
+                                  default=GPS_CHECKPOINT), defaults={"checkpoint": "default"}, learned=True))
