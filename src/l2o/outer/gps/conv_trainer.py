@@ -26,21 +26,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from l2o.execution import Executor
 from l2o.features.conv2017 import STATE_DIM
 from l2o.features.sets import FeatureSet, get_feature_set
-from l2o.outer.gps.badmm import pi_covariance
-from l2o.outer.gps.conv_cost import curvature_profile, gradient_shrinkage, telescoped_cost
-from l2o.outer.gps.conv_env import GRAD_FEATURE, PRECONDITIONERS, GroupLinearGaussianController
-from l2o.outer.gps.conv_policies import MLPLOptFeatures, conv_policy
-from l2o.outer.gps.conv_env import group_samples, rollout
-from l2o.outer.gps.conv_env import seeded_rollout
-from l2o.outer.gps.dynamics import fit_dynamics
-from l2o.outer.gps.linear_gaussian import DTYPE, LinearGaussianPolicy
-from l2o.outer.gps.errors import GPSIterationError
-from l2o.outer.gps.loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSLoop, LocalProblem, Samples, Setting
-from l2o.outer.gps.loop import Unit
-from l2o.execution import Executor
 from l2o.tasks.base import Task
+
+from .badmm import pi_covariance
+from .conv_cost import curvature_profile, gradient_shrinkage, telescoped_cost
+from .conv_env import GRAD_FEATURE, PRECONDITIONERS, GroupLinearGaussianController, group_samples, rollout, seeded_rollout
+from .conv_policies import MLPLOptFeatures, conv_policy
+from .dynamics import fit_dynamics
+from .errors import GPSIterationError
+from .linear_gaussian import DTYPE, LinearGaussianPolicy
+from .loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSLoop, LocalProblem, Samples, Setting, Unit
+from .loop import finite_or_none, minibatch_adam
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "POLICY_NAME", "ConvGPSConfig", "ConvGPSTrainer", "ConvSetting", "initial_psi"]
 
@@ -149,7 +148,6 @@ class ConvSetting(Setting):
         self.normalised = False  # π fitted at least once
         self.best_auc = math.inf
         self.wall = 0.0
-        self.units: list[Unit] = []
 
     def _initial_psi(self, std: float) -> LinearGaussianPolicy:
         return initial_psi(self.T, self.config.init_gain, std, self.D, self.init_index)
@@ -188,7 +186,6 @@ class ConvSetting(Setting):
     def sample(self, it: int, conditions: list[Condition]) -> list[Samples]:
         c, T, D = self.config, self.T, self.D
         (cd,) = conditions
-        self.units = cd.units
         ctrl = GroupLinearGaussianController(self.task, [u.psi for u in cd.units])
         seeds = [TRAIN_SEED_BASE + c.seed * 10_000 + it * c.samples + m for m in range(c.samples)]
         runs = self.map(partial(seeded_rollout, self.task, ctrl, self._options(
@@ -237,7 +234,6 @@ class ConvSetting(Setting):
                        * Pc.squeeze(-1).square().to(torch.float32) for w, o, Pc in zip(weights, obs, scales)])
         params = {k: pol.net[k].clone().requires_grad_(True) for k in pol.trained}
         fixed = {k: v for k, v in pol.net.items() if k not in pol.trained}
-        opt = torch.optim.Adam(params.values(), lr=c.pi_lr)
         gen = torch.Generator().manual_seed(7_000_003 + 1000 * c.seed + it)
         scale = float(Y.square().mean()) + 1e-30
         steps = range(c.pi_first_steps if it == 0 else c.pi_steps)
@@ -245,50 +241,44 @@ class ConvSetting(Setting):
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"iteration {it}: π-step", leave=False)
-        for _ in steps:
-            idx = torch.randperm(O.shape[0], generator=gen)[: c.pi_batch]
-            pred = pol.predict({**params, **fixed}, O[idx])
-            loss = (W[idx] * (pred - Y[idx]).square()).mean() / scale
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-            opt.step()
+        batches = (torch.randperm(O.shape[0], generator=gen)[: c.pi_batch] for _ in steps)
+        minibatch_adam(it, list(params.values()), c.pi_lr, batches, clip=1.0,
+                       loss_of=lambda i: (W[i] * (pol.predict({**params, **fixed}, O[i]) - Y[i]).square()).mean() / scale)
         pol.net.update({k: v.detach() for k, v in params.items()})
         pred = pol.means(O).squeeze(-1).to(torch.float32)
         return float(((W * (pred - Y).square()).mean() / scale).sqrt())
 
     def evaluate(self, it: int) -> dict[str, Any]:
-        """π's mean held-out AUC and final true loss (inf if a run diverged)."""
+        """π's mean held-out AUC and final true loss (None if a run diverged or either is not finite)."""
         c = self.config
         options = self._options(horizon=self.T, coords_per_group=1, eval_every=c.eval_every, curvature_every=10 ** 9,
                                 record_states=False)
         runs = [rollout(self.task, self.policy.controller(), EVAL_SEED_BASE + c.seed * 100 + k, **options)
                 for k in range(c.eval_seeds)]
         if any(r.diverged for r in runs):
-            return {"pi_auc": math.inf, "pi_final": math.inf}
-        return {"pi_auc": sum(r.auc() for r in runs) / len(runs),
-                "pi_final": sum(float(r.true_loss[-1]) for r in runs) / len(runs)}
+            return {"pi_auc": None, "pi_final": None}
+        return {"pi_auc": finite_or_none(sum(r.auc() for r in runs) / len(runs)),
+                "pi_final": finite_or_none(sum(float(r.true_loss[-1]) for r in runs) / len(runs))}
 
-    def record(self, it: int, conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
+    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
                pi_loss: float, evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
         """ψ's and π's AUC and final loss, ε, the predicted improvement, ψ-step failures, π's
         regression error, cumulative wall time, and per group: η, KL(ψ‖ψ_old) and E KL(ψ‖π) per
         step, ν, ψ's mean gain on ψ₀'s direction, its exploration std, the gradient shrinkage ρ."""
-        (cr,), (urs,) = conditions, units
+        (cd,), (cr,), (urs,) = cds, conditions, units
         self.wall += wall_s
         groups = []
-        for u, ur in zip(self.units, urs, strict=True):
+        for u, ur in zip(cd.units, urs, strict=True):
             g = {k: ur[k] for k in ("group", "rho_mean", "rho_last", "eta", "error") if k in ur}
             if "kl_psi_step" in ur:
                 g["kl_step"] = ur["kl_psi_step"] / self.T
             g.update(kl_psi_pi=ur["kl_psi_pi_mean"], nu=ur["nu_next"], gain_K_grad=float(u.psi.K[:, 0, self.init_index].mean()),
                      psi_std=float(u.psi.cov[:, 0, 0].sqrt().mean()))
             groups.append(g)
-        finite = {k: (v if math.isfinite(v) else None) for k, v in evaluation.items()}
         return {"iteration": it, "psi_auc": cr["psi_auc"], "psi_final": cr["psi_final"],
                 "psi_diverged": cr["psi_diverged"], "epsilon": cr["epsilon"], "rho": cr["rho"], "groups": groups,
                 "predicted_improvement": cr["predicted_improvement"], "psi_step_failures": cr["psi_step_failures"],
-                "pi_regression_rel_rmse": pi_loss, **finite, "wall_s": round(self.wall, 1)}
+                "pi_regression_rel_rmse": pi_loss, **evaluation, "wall_s": round(self.wall, 1)}
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Export π (``psd.safetensors`` or ``mlp-lopt.safetensors``) when its held-out AUC is the best so far."""
@@ -296,7 +286,7 @@ class ConvSetting(Setting):
         if auc is not None and auc < self.best_auc:
             self.best_auc = auc
             self.policy.save(self.out / self.policy.file_name, self.policy_meta(record["iteration"] + 1))
-        record["best_pi_auc"] = self.best_auc if math.isfinite(self.best_auc) else None
+        record["best_pi_auc"] = finite_or_none(self.best_auc)
 
     def policy_meta(self, iteration: int) -> dict[str, Any]:
         return {"method": self.policy.method + ", Convolutional GPS",
@@ -306,7 +296,7 @@ class ConvSetting(Setting):
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return ({f"net.{k}": v for k, v in self.net.items()},
-                {"normalised": self.normalised, "best_auc": self.best_auc if math.isfinite(self.best_auc) else None,
+                {"normalised": self.normalised, "best_auc": finite_or_none(self.best_auc),
                  "wall_s": self.wall, "command": self.command})
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

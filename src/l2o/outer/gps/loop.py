@@ -27,7 +27,7 @@ import os
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from .lqg import expected_cost, solve_trust_region
 
 __all__ = [
     "CHECKPOINT_NAME", "LOG_NAME", "BADMMConfig", "Condition", "GPSLoop", "LocalProblem", "Samples", "Setting", "Unit",
-    "finite_or_none", "first_nonfinite_t",
+    "finite_or_none", "first_nonfinite_t", "minibatch_adam",
 ]
 
 
@@ -106,6 +106,22 @@ def first_nonfinite_t(x: Tensor) -> int | None:
     """The first time index (dim 1 of [N, T, ...]) holding a non-finite value, or None."""
     bad = ~torch.isfinite(x)
     return int(torch.nonzero(bad)[0, 1]) if bool(bad.any()) else None
+
+
+def minibatch_adam(it: int, params: list[Tensor], lr: float, batches: Iterable[Any],
+                   loss_of: Callable[[Any], Tensor], clip: float | None = None) -> None:
+    """The π-step's optimiser: one Adam step on ``params`` per batch of ``batches`` on ``loss_of(batch)``,
+    the gradient's norm clipped at ``clip`` if given; a non-finite loss is a :class:`GPSIterationError`."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for step, batch in enumerate(batches):
+        loss = loss_of(batch)
+        if not torch.isfinite(loss):
+            raise GPSIterationError(it, "π-step", f"non-finite regression loss at Adam step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
 
 
 # --------------------------------------------------------------------------- state
@@ -219,9 +235,9 @@ class Setting(ABC):
         """Evaluate π (fields for :meth:`record`)."""
 
     @abstractmethod
-    def record(self, it: int, conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]], pi_loss: float,
-               evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
-        """The iteration's log record from the per-condition and per-unit fields."""
+    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
+               pi_loss: float, evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
+        """The iteration's log record from the updated conditions and the per-condition and per-unit fields."""
 
     def postfix(self, record: dict[str, Any]) -> dict[str, Any]:
         """What the progress bar shows of a record."""
@@ -363,13 +379,18 @@ class GPSLoop(OuterTrainer):
                              grow=c.epsilon_grow, min_predicted=min_gain)
         return eps, rho
 
+    def _pi_mean(self, it: int, stage: str, obs: Any) -> Tensor:
+        """μ^π on one problem's observations; not finite is an error of ``stage``."""
+        pi_mean = self.setting.pi_mean(obs)
+        t_bad = first_nonfinite_t(pi_mean)
+        if t_bad is not None:
+            raise GPSIterationError(it, stage, "π's mean action is not finite on ψ's samples", t=t_bad)
+        return pi_mean
+
     def _psi_step(self, it: int, stage: str, u: Unit, prob: LocalProblem, epsilon: float) -> dict[str, Any]:
         """π̂ fit and the trust-region LQG of one unit; returns ψ_new, the model costs and record fields."""
         s, c, T = self.setting, self.config, self.setting.T
-        pi_mean_old = s.pi_mean(prob.obs)
-        t_bad = first_nonfinite_t(pi_mean_old)
-        if t_bad is not None:
-            raise GPSIterationError(it, stage + "π̂ fit", "π's mean action is not finite on ψ's samples", t=t_bad)
+        pi_mean_old = self._pi_mean(it, stage + "π̂ fit", prob.obs)
         with GPSIterationError.raised_in(it, stage + "π̂ fit"):
             pi_fit = fit_linear_gaussian_policy(prob.X, pi_mean_old, cov=u.pi_cov.expand(T, s.d, s.d))
         badmm = {"lambda_": u.lam, "nu": u.nu, "pi_fit": pi_fit} if s.pi_ready else {}
@@ -421,11 +442,11 @@ class GPSLoop(OuterTrainer):
         pi_loss = s.fit_pi(it, problems, [y for y, _ in tw], [w for _, w in tw])
         if s.shared_pi_cov:
             shared = pi_covariance(torch.cat([r["psi"].cov for r in flat]), torch.cat([u.nu for u in units]))
+        pi_means = [self._pi_mean(it, "π-step", p.obs) for p in problems]
         # dual step and ν schedule, per unit
         unit_recs: list[dict[str, Any]] = []
-        for u, p, r in zip(units, problems, flat, strict=True):
+        for u, p, r, pi_mean_new in zip(units, problems, flat, pi_means, strict=True):
             psi_mean = r["psi"].mean(p.X)
-            pi_mean_new = s.pi_mean(p.obs)
             u.pi_cov = shared if s.shared_pi_cov else pi_covariance(r["psi"].cov, u.nu)
             kl_t = kl_psi_pi(r["psi"], p.X, pi_mean_new, u.pi_cov)
             nu_used = u.nu
@@ -444,7 +465,7 @@ class GPSLoop(OuterTrainer):
         per_cond = [unit_recs[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
         evaluation = s.evaluate(it)
         self.iteration = it + 1
-        rec = s.record(it, cond_recs, per_cond, pi_loss, evaluation, time.perf_counter() - t_start)
+        rec = s.record(it, self.conditions, cond_recs, per_cond, pi_loss, evaluation, time.perf_counter() - t_start)
         for k, v in rec.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise GPSIterationError(it, "logging", f"{k} is not finite ({v})")

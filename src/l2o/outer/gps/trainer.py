@@ -30,7 +30,7 @@ from .env import Environment, LinearGaussianController, ModuleController, Trajec
 from .linear_gaussian import DTYPE, LinearGaussianPolicy
 from .errors import GPSIterationError
 from .loop import CHECKPOINT_NAME, LOG_NAME, BADMMConfig, Condition, GPSLoop, LocalProblem, Samples, Setting, Unit
-from .loop import finite_or_none, first_nonfinite_t
+from .loop import finite_or_none, minibatch_adam
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "ConditionSetting", "GPSConfig", "GPSIterationError", "GPSTrainer",
            "MultiConditionGPSTrainer"]
@@ -57,8 +57,6 @@ class GPSConfig(BADMMConfig):
     cost_ridge: float = 1e-6
     cost_action_floor: float | None = None  # clip C_aa eigenvalues of a fitted cost
     progress: bool = True
-
-    _label = "GPS"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,28 +183,16 @@ class ConditionSetting(Setting):
         Wc = torch.stack(weights).to(dt)  # [C, T, d, d]
         N = X.shape[0]
         bs = N if c.pi_batch_size == 0 else min(c.pi_batch_size, N)
-        opt = torch.optim.Adam(self.module.parameters(), lr=c.pi_lr)
 
         def loss_of(pred: Tensor, idx: Tensor) -> Tensor:
             r = pred - Y[idx]
             return 0.5 * torch.einsum("nti,ntij,ntj->n", r, Wc[cond[idx]], r).sum() / pred.shape[0]
 
-        for epoch in range(c.pi_epochs):
-            order = torch.arange(N) if bs == N else torch.randperm(N, generator=self.pi_gen)
-            for j in range(0, N, bs):
-                idx = order[j:j + bs]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_of(self.module(X[idx]), idx)
-                if not torch.isfinite(loss):
-                    raise GPSIterationError(it, "π-step", f"non-finite regression loss at epoch {epoch}")
-                loss.backward()
-                opt.step()
+        orders = (torch.arange(N) if bs == N else torch.randperm(N, generator=self.pi_gen) for _ in range(c.pi_epochs))
+        batches = (order[j:j + bs] for order in orders for j in range(0, N, bs))
+        minibatch_adam(it, list(self.module.parameters()), c.pi_lr, batches, lambda i: loss_of(self.module(X[i]), i))
         with torch.no_grad():
-            pred = self.module(X)
-            t_bad = first_nonfinite_t(pred)
-            if t_bad is not None:
-                raise GPSIterationError(it, "π-step", "π's mean action is not finite", t=t_bad)
-            return float(loss_of(pred, torch.arange(N)))
+            return float(loss_of(self.module(X), torch.arange(N)))
 
     def evaluate(self, it: int) -> dict[str, Any]:
         c = self.config
@@ -220,7 +206,7 @@ class ConditionSetting(Setting):
             costs.append(finite_or_none(ev.valid_only().total_costs().mean()) if ev.n_valid else None)
         return {"pi_costs": costs, "diverged": div}
 
-    def record(self, it: int, conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
+    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
                pi_loss: float, evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
         """``per_condition`` (every condition's and its unit's fields and π's cost), and over
         conditions: means of costs, ε, ν and π's errors; sums of KLs and counts; extremes."""
