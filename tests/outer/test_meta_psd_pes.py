@@ -147,6 +147,10 @@ def test_a_base_adagrad_start_trains_the_base_and_the_lstm_correction(tmp_path) 
     assert mask[0].tolist() == [1.0] * 7 + [0.0] * 6 and mask[1].tolist() == [0.0] * 10 + [1.0] * 3  # the τ's
     with pytest.raises(ValueError, match="base_schedule"):
         _config(init, base="adagrad", base_schedule="loss")
+    few = build_problem(_config(init, base="adagrad", base_directions=["g/sqrtG", "m0.9/sqrtG"]), task)
+    assert few.net(few.theta0())["base_mask"][0].tolist() == [1.0] + [0.0] * 5 + [1.0] + [0.0] * 6
+    with pytest.raises(ValueError, match="not Ψ features"):
+        build_problem(_config(init, base="adagrad", base_directions=["g/sqrtG", "adam"]), task)
 
 
 def test_config_rejects_bad_values_with_clear_errors(tmp_path) -> None:

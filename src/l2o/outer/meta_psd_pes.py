@@ -45,7 +45,8 @@ class MetaPSDPESConfig(PESFields):
     of :func:`l2o.learned.psd.init_base`, AdaGrad at lr ``base_lr`` (scale-free Ψ only), with the
     LSTM's output layer zeroed, so the starting π is exactly AdaGrad and the LSTM learns a
     correction; its step size reads all of Ψ (``base_schedule = "all"``) or only the step-count
-    embedding tanh(t/τ) (``"time"``: a learned schedule in t, as mlp-lopt's). ``train``: which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and,
+    embedding tanh(t/τ) (``"time"``: a learned schedule in t, as mlp-lopt's); ``base_directions``
+    names the Ψ features it combines (default: the feature set's update directions). ``train``: which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and,
     with a base, base_u, base_c; default the first five). PES (:class:`~l2o.outer.pes.PESFields`):
     ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
     ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
@@ -58,6 +59,7 @@ class MetaPSDPESConfig(PESFields):
     base: str | None = None
     base_lr: float = 0.1
     base_schedule: str = "all"
+    base_directions: list[str] | None = None
     train: list[str] | None = None
     # the PES fields are PESFields'; these override its defaults
     meta_lr: float = 1e-4
@@ -146,7 +148,13 @@ def load_init(config: MetaPSDPESConfig) -> tuple[dict[str, torch.Tensor], str, s
                              f"features); {path} reads {features!r}")
         schedule = None if config.base_schedule == "all" else [i for i, n in enumerate(fs.obs_names)
                                                                  if n.startswith("tanh(t/")]
-        net = init_base(net, fs.obs_directions, fs.obs_names.index("g/sqrtG"), config.base_lr, schedule)
+        names = config.base_directions
+        unknown = [n for n in names or () if n not in fs.obs_names]
+        if unknown:
+            raise ValueError(f"psd-pes config: base_directions {unknown} are not Ψ features of {features!r}: "
+                             f"{list(fs.obs_names)}")
+        directions = fs.obs_directions if names is None else [fs.obs_names.index(n) for n in names]
+        net = init_base(net, directions, fs.obs_names.index("g/sqrtG"), config.base_lr, schedule)
     return net, features, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
