@@ -260,15 +260,15 @@ class ConvSetting(Setting):
         return {"pi_auc": finite_or_none(sum(r.auc() for r in runs) / len(runs)),
                 "pi_final": finite_or_none(sum(float(r.true_loss[-1]) for r in runs) / len(runs))}
 
-    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
+    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[dict[str, Any]],
                pi_loss: float, evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
         """ψ's and π's AUC and final loss, ε, the predicted improvement, ψ-step failures, π's
         regression error, cumulative wall time, and per group: η, KL(ψ‖ψ_old) and E KL(ψ‖π) per
         step, ν, ψ's mean gain on ψ₀'s direction, its exploration std, the gradient shrinkage ρ."""
-        (cd,), (cr,), (urs,) = cds, conditions, units
+        (cd,), (cr,) = cds, conditions
         self.wall += wall_s
         groups = []
-        for u, ur in zip(cd.units, urs, strict=True):
+        for u, ur in zip(cd.units, units, strict=True):
             g = {k: ur[k] for k in ("group", "rho_mean", "rho_last", "eta", "error") if k in ur}
             if "kl_psi_step" in ur:
                 g["kl_step"] = ur["kl_psi_step"] / self.T

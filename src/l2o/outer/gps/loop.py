@@ -235,9 +235,9 @@ class Setting(ABC):
         """Evaluate π (fields for :meth:`record`)."""
 
     @abstractmethod
-    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
+    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[dict[str, Any]],
                pi_loss: float, evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
-        """The iteration's log record from the updated conditions and the per-condition and per-unit fields."""
+        """The iteration's log record from the updated conditions, fields per condition and per unit (in order)."""
 
     def postfix(self, record: dict[str, Any]) -> dict[str, Any]:
         """What the progress bar shows of a record."""
@@ -461,11 +461,9 @@ class GPSLoop(OuterTrainer):
                               "lambda_norm": float(u.lam.norm()),
                               "pi_mse_before": float((r["pi_mean_old"] - psi_mean).square().sum(-1).mean()),
                               "pi_mse": float((pi_mean_new - psi_mean).square().sum(-1).mean())})
-        sizes = [len(cd.units) for cd in self.conditions]
-        per_cond = [unit_recs[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
         evaluation = s.evaluate(it)
         self.iteration = it + 1
-        rec = s.record(it, self.conditions, cond_recs, per_cond, pi_loss, evaluation, time.perf_counter() - t_start)
+        rec = s.record(it, self.conditions, cond_recs, unit_recs, pi_loss, evaluation, time.perf_counter() - t_start)
         for k, v in rec.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise GPSIterationError(it, "logging", f"{k} is not finite ({v})")

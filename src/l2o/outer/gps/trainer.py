@@ -206,12 +206,12 @@ class ConditionSetting(Setting):
             costs.append(finite_or_none(ev.valid_only().total_costs().mean()) if ev.n_valid else None)
         return {"pi_costs": costs, "diverged": div}
 
-    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[list[dict[str, Any]]],
+    def record(self, it: int, cds: list[Condition], conditions: list[dict[str, Any]], units: list[dict[str, Any]],
                pi_loss: float, evaluation: dict[str, Any], wall_s: float) -> dict[str, Any]:
         """``per_condition`` (every condition's and its unit's fields and π's cost), and over
         conditions: means of costs, ε, ν and π's errors; sums of KLs and counts; extremes."""
         costs = evaluation["pi_costs"]
-        per = [{**cr, **ur, "pi_cost": pc} for cr, (ur,), pc in zip(conditions, units, costs, strict=True)]
+        per = [{**cr, **ur, "pi_cost": pc} for cr, ur, pc in zip(conditions, units, costs, strict=True)]
 
         def agg(f: Callable[[list[float]], float], *keys: str) -> dict[str, float]:
             return {k: f([p.get(k) or 0.0 for p in per]) for k in keys}
