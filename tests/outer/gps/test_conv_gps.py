@@ -298,8 +298,9 @@ def test_preconditioned_conv_gps_regresses_pi_in_the_optimizers_action_space(tmp
     tr = ConvGPSTrainer(cfg, tmp_path / "run", task=tiny_mlp_task(), progress=False)
     (rec,) = tr.train()
     assert tr.setting.D == 11 and rec["psi_auc"] > 0
-    O = torch.randn(4, 8, 13)
-    Pc = torch.rand(4, 8, 1, dtype=torch.float64) + 0.5
+    gen = torch.Generator().manual_seed(0)  # own draws: the global generator's state depends on earlier tests
+    O = torch.randn(4, 8, 13, generator=gen)
+    Pc = torch.rand(4, 8, 1, dtype=torch.float64, generator=gen) + 0.5
     mu = psd.run_sequence(tr.net, O.transpose(0, 1))[0].T.to(torch.float64).unsqueeze(-1)  # μ^π(Ψ) in a
     torch.testing.assert_close(tr.setting.pi_mean((O, Pc)), mu * Pc)
     with pytest.raises(ValueError, match="precondition"):
@@ -312,7 +313,8 @@ def test_preconditioned_conv_gps_regresses_pi_in_the_optimizers_action_space(tmp
     targets = [tr.setting.pi_mean(p.obs) for p in probs]
     weights = [torch.ones(8, 1, 1, dtype=torch.float64)] * 2
     assert tr.setting.fit_pi(1, probs, targets, weights) < 1e-5
-    assert tr.setting.fit_pi(1, probs, [y / Pc.mean() for y in targets], weights) > 1e-2  # a-space targets are not
+    a_space = [y / p.obs[1] for y, p in zip(targets, probs)]  # π's mean in a, not u = p·a
+    assert tr.setting.fit_pi(1, probs, a_space, weights) > 1e-2  # a-space targets are not (here: 1.05)
 
 
 def test_discounted_telescoped_weights_are_geometric_sums():
