@@ -16,7 +16,7 @@ stacked gate weights per LSTM layer, and the output layer) over the same number 
 on preallocated buffers at the best of several row chunkings, timed in the same loop. Usage:
 
     python benchmarks/bench_step_time.py [--task mnist:48-48:b64] [--steps 200] [--data-dir DIR]
-        [--learned mlp-lopt psd ...] [--learned-steps 50] [--big-steps 20] [--nets small big] [--skip-baselines]
+        [--learned mlp-lopt psd ... | all] [--learned-steps 50] [--big-steps 20] [--nets small big] [--skip-baselines]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from l2o.baselines.registry import BASELINES, parse_optimizer
+from l2o.baselines.registry import BASELINES, optimizer_names, parse_optimizer
 from l2o.baselines.tuned import load_tuned
 from l2o.tasks.registry import make_task
 
@@ -164,7 +164,11 @@ def learned_table(names: list[str], steps: int, big_steps: int, nets: tuple[str,
         task = synthetic_task(inputs, hidden)
         for name in names:
             spec = parse_optimizer(name)
-            products = policy_products(spec.build([torch.zeros(1, requires_grad=True)]))
+            try:
+                products = policy_products(spec.build([torch.zeros(1, requires_grad=True)]))
+            except ValueError as e:  # e.g. lto2016 without a chosen policy: say so, time the others
+                print(f"| MLP {inputs}-{hidden}-10 | {task.dim:,} | — | {name} | not run: {e} |", flush=True)
+                continue
             floors, chunk = {}, None
             if products is not None:
                 floors["floor"], chunk = make_floor(task.dim, products)
@@ -181,7 +185,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--data-dir")
     ap.add_argument("--optimizers", nargs="+", default=list(BASELINES))
-    ap.add_argument("--learned", nargs="*", default=["mlp-lopt"], help="learned optimizers for the second table")
+    ap.add_argument("--learned", nargs="*", default=["mlp-lopt"],
+                    help="learned optimizers for the second table (specs; 'all' = every registered learned optimizer)")
     ap.add_argument("--learned-steps", type=int, default=50, help="timed iterations on the 48-48-10 net")
     ap.add_argument("--big-steps", type=int, default=20, help="timed iterations on the ~1M-parameter net")
     ap.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS),
@@ -189,6 +194,8 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true", help="only the learned-optimizer table")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if "all" in args.learned:
+        args.learned = [n for n in args.learned if n != "all"] + optimizer_names(learned=True)
     if args.skip_baselines:
         learned_table(args.learned, args.learned_steps, args.big_steps, tuple(args.nets))
         return
