@@ -35,8 +35,8 @@ def _quick(tmp_path, **kw):
 def test_grid_is_the_papers():
     assert [(s.input_dim, s.hidden, s.batch, s.iterations) for s in SETTINGS] == [
         (48, 48, 64, 400), (100, 200, 64, 400), (48, 48, 10, 400), (100, 200, 10, 400), (100, 200, 64, 800)]
-    assert len(OPTIMIZERS) == 13 and OPTIMIZERS[7:9] == ("l2lbgdbgd", "psd-paper")
-    assert OPTIMIZERS[9:] == tuple(TWO_BY_TWO.values())
+    assert len(OPTIMIZERS) == 14 and OPTIMIZERS[7:10] == ("l2lbgdbgd", "psd-paper", "psd")
+    assert OPTIMIZERS[10:] == tuple(TWO_BY_TWO.values())
     assert ReproduceConfig().n_seeds == 5
     assert [s.iterations for s in ReproduceConfig(quick=True).grid_settings()] == [10, 10, 10, 10, 20]
 

@@ -90,11 +90,10 @@ def test_fast_path_equals_the_eager_reference(tmp_path, monkeypatch, dtype, tol,
     assert m.frozen not in opt.state and torch.equal(m.frozen.detach(), torch.ones(5, dtype=dtype))
 
 
-def test_shipped_weights_take_the_reference_steps():
-    if not psd_mod.DEFAULT_CHECKPOINT.is_file():
-        pytest.skip("no packaged PSD policy")
-    ref = _reference(load_policy(psd_mod.DEFAULT_CHECKPOINT)[0], _model(torch.float32), 5)
-    _, fast = _fast(None, _model(torch.float32), 5)
+def test_shipped_paper_weights_take_the_reference_steps():
+    """The paper's PSD (``psd-paper``; ``psd``'s default before issue 11) on the paper's features."""
+    ref = _reference(load_policy(psd_mod.PAPER_CHECKPOINT)[0], _model(torch.float32), 5)
+    _, fast = _fast(psd_mod.PAPER_CHECKPOINT, _model(torch.float32), 5)
     for a, b in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

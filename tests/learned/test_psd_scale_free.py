@@ -19,13 +19,19 @@ def _policy(tmp_path, features: str = "scale-free", inputs: int = ScaleFreeFeatu
     return psd.save_policy(tmp_path / "p.safetensors", net, {"features": features}), net
 
 
-def test_steps_equal_the_policy_on_offline_scale_free_features(tmp_path):
+@pytest.mark.parametrize("shipped", [False, True])
+def test_steps_equal_the_policy_on_offline_scale_free_features(tmp_path, shipped):
+    """A random scale-free ω, and the shipped default (scale-free, with a base step)."""
     path, net = _policy(tmp_path)
+    if shipped:
+        path = psd.DEFAULT_CHECKPOINT
+        net, meta = psd.load_policy(path)
+        assert meta["features"] == "scale-free" and "base_u" in net
     net = {k: v.to(torch.float32) for k, v in net.items()}
     w = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
     opt = PredictedStepDescent([w], checkpoint=path)
     feats, mem = ScaleFreeFeatures(), None
-    hidden = psd.init_hidden(12, 16)
+    hidden = psd.init_hidden(12, net["W_hh"].shape[-1])
     for t in range(6):
         x = w.detach().reshape(-1).clone()
         loss = (w.square().sum() - 2.0 * t) if t != 3 else (w.sum() * 0.0)  # negative, then exactly 0

@@ -124,7 +124,13 @@ TWO_BY_TWO: dict[tuple[str, str], str] = {
 """Issue 12's comparison: {policy} × {meta-trainer}, each cell a shipped optimizer; all four are
 meta-trained on the same objective (``mnist:48-48:b64``, T = 400) and read scale-free features
 (the paper's PSD, ``psd-paper``, is GPS × LSTM on the paper's features)."""
-LEARNED: tuple[str, ...] = PAPER_LEARNED + tuple(n for n in TWO_BY_TWO.values() if n not in PAPER_LEARNED)
+BEYOND: dict[str, str] = {
+    "psd": "l2o's default PSD (issue 11): an AdaGrad-started base step plus the LSTM's correction on "
+           "scale-free features, meta-trained by Persistent ES",
+    **{name: f"{policy} meta-trained by {trainer}" for (policy, trainer), name in TWO_BY_TWO.items()},
+}
+"""The learned optimizers beyond the paper, with what each is."""
+LEARNED: tuple[str, ...] = PAPER_LEARNED + tuple(BEYOND)
 OPTIMIZERS: tuple[str, ...] = BASELINES + LEARNED
 """The paper's nine (seven tuned hand-designed baselines, L2LBGDBGD, Predicted Step Descent), then
 the learned optimizers beyond the paper (the rest of the 2 × 2)."""
@@ -583,7 +589,7 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
         d = data[s.paper]
         L.append(f"- **{s.paper}** → `{d['loader']}` = {d['short']}: {d['description']}")
     L += ["", "Optimizers (the paper's nine, then learned optimizers beyond the paper):", ""]
-    cell_of = {name: cell for cell, name in TWO_BY_TWO.items()}
+
     tuned_src = "the tuned-settings file " + (f"`{config.tuned}`" if config.tuned else
                                               "shipped with l2o (`src/l2o/baselines/tuned.json`)")
     for s in statuses:
@@ -594,8 +600,8 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
                      if s.checkpoint_sha256 else f"- {s.display}: `{s.spec}`, weights `{_rel(s.checkpoint)}`")
         else:
             L.append(f"- {s.display}: `{s.spec}`")
-        if s.name in cell_of and s.name not in PAPER_LEARNED:
-            L[-1] += f" — beyond the paper: {cell_of[s.name][0]} meta-trained by {cell_of[s.name][1]}"
+        if s.name in BEYOND:
+            L[-1] += f" — beyond the paper: {BEYOND[s.name]}"
     L += ["", (f"Hand-designed baselines use the hyperparameters in {tuned_src}, {_tuned_protocol(config.tuned)}, "
           "used unchanged here (the paper tunes every algorithm on the training objective only)."), ""]
 

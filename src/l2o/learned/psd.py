@@ -14,8 +14,10 @@ groups, so one step runs the LSTM once over all coordinates of all parameters: t
 concatenated into one [N, P] matrix, (h, c) live in one flat [N, H] buffer of which each
 parameter's ``state["h"]``/``state["c"]`` are row views, and :class:`~l2o.learned.psd.FusedPolicy`
 updates it in place over row chunks (:func:`l2o.learned.psd.step` is the reference it is
-tested against). By default ω is the checkpoint ``l2o/learned/weights/psd.safetensors`` (meta-trained by
-Guided Policy Search; see the JSON beside it).
+tested against). By default ω is the checkpoint ``l2o/learned/weights/psd.safetensors``: on the
+scale-free features, an AdaGrad-started base step plus the LSTM's correction, meta-trained by
+Persistent ES (``configs/psd-pes-base-time.toml``; see the JSON beside it). The paper's PSD (paper
+features, Convolutional GPS) is ``weights/psd-paper.safetensors``, harness name ``psd-paper``.
 
 π of Predicted Step Descent (Li & Malik 2017, §4): one LSTM layer of 128 cells, per coordinate.
 
@@ -298,7 +300,10 @@ def load_policy(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, A
 
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd.safetensors"
-"""The packaged meta-trained policy ω."""
+"""The packaged meta-trained policy ω (issue 11: AdaGrad + LSTM correction by PES, scale-free Ψ)."""
+PAPER_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-paper.safetensors"
+"""The paper's PSD: paper features, Convolutional GPS (``configs/psd.toml``); ``psd``'s default until
+issue 11, harness name ``psd-paper``."""
 
 CHUNK_ROWS = 1024
 """Coordinates per fused LSTM chunk: keeps the [rows, 4H] gate buffer in cache (measured on one CPU
@@ -547,16 +552,6 @@ def _features_of(path: Path, net: dict[str, Tensor], meta: dict[str, Any]) -> Fe
     return None if name == "paper2017" else features
 
 
-def _factory(params: list[Tensor], hp: dict[str, Any]) -> torch.optim.Optimizer:
-    return PredictedStepDescent(params, checkpoint=hp.get("checkpoint"))
-
-
-register_optimizer(OptimizerEntry("psd", "PSD", _factory, defaults={"checkpoint": "default"}, learned=True))
-# The paper's PSD (Convolutional GPS on the paper's features), kept under its own name so that its
-# rows stay reproducible when ``psd``'s default weights change (issue 11); today the same weights.
-register_optimizer(OptimizerEntry("psd-paper", "PSD (paper)", _factory, defaults={"checkpoint": "default"},
-                                  learned=True))
-
 PES_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-pes.safetensors"
 """The packaged PSD policy meta-trained by Persistent ES (``l2o meta-train psd-pes``; issue 12)."""
 GPS_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-gps.safetensors"
@@ -564,12 +559,19 @@ GPS_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "psd-gps.safetens
 (``configs/psd-scale-free.toml``; the start of ``psd-pes``): issue 12's GPS × LSTM cell."""
 
 
-def _named_factory(params: list[Tensor], hp: dict[str, Any], default: Path) -> torch.optim.Optimizer:
+def _factory(params: list[Tensor], hp: dict[str, Any], default: Path | None = None) -> torch.optim.Optimizer:
     checkpoint = hp.get("checkpoint")
-    return PredictedStepDescent(params, checkpoint=default if checkpoint in (None, "default") else checkpoint)
+    if default is not None and checkpoint in (None, "default"):
+        checkpoint = default
+    return PredictedStepDescent(params, checkpoint=checkpoint)
 
 
-register_optimizer(OptimizerEntry("psd-pes", "PSD (PES)", functools.partial(_named_factory, default=PES_CHECKPOINT),
-                                  defaults={"checkpoint": "default"}, learned=True))
-register_optimizer(OptimizerEntry("psd-gps", "PSD (scale-free GPS)", functools.partial(_named_factory,
-                                  default=GPS_CHECKPOINT), defaults={"checkpoint": "default"}, learned=True))
+def _register(name: str, display: str, default: Path | None = None) -> None:
+    factory = _factory if default is None else functools.partial(_factory, default=default)
+    register_optimizer(OptimizerEntry(name, display, factory, defaults={"checkpoint": "default"}, learned=True))
+
+
+_register("psd", "PSD")  # DEFAULT_CHECKPOINT
+_register("psd-paper", "PSD (paper)", PAPER_CHECKPOINT)  # the paper's PSD, under its own name since issue 11
+_register("psd-pes", "PSD (PES)", PES_CHECKPOINT)
+_register("psd-gps", "PSD (scale-free GPS)", GPS_CHECKPOINT)
