@@ -274,6 +274,15 @@ def test_unrolled_policy_equals_the_matmul_policy() -> None:
         assert torch.equal(new_u[k], new[k])
 
 
+def _assert_same_run(opt_a: MLPLOpt, ps_a: list[torch.Tensor], opt_b: MLPLOpt, ps_b: list[torch.Tensor],
+                     rtol: float, atol: float) -> None:
+    """Parameters equal to (rtol, atol) and every accumulator to (rtol, 1e-12)."""
+    for a, b in zip(ps_a, ps_b):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        for k in STATE_KEYS:
+            torch.testing.assert_close(opt_a.state[a][k], opt_b.state[b][k], rtol=rtol, atol=1e-12)
+
+
 def test_compiled_steps_equal_eager_steps() -> None:
     """compile=True: five steps of a three-tensor model through torch.compile's fused step give the
     eager optimizer's parameters and state up to float32 rounding (and it really ran compiled)."""
@@ -287,10 +296,7 @@ def test_compiled_steps_equal_eager_steps() -> None:
         _run(comp, ps_c, 5)
     _run(eager, ps_e, 5)
     assert comp.compile is True
-    for a, b in zip(ps_c, ps_e):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        for k in STATE_KEYS:
-            torch.testing.assert_close(comp.state[a][k], eager.state[b][k], rtol=1e-5, atol=1e-12)
+    _assert_same_run(comp, ps_c, eager, ps_e, rtol=1e-5, atol=1e-6)
     assert [l2o.make_optimizer(f"mlp-lopt{o}", _model()).compile for o in ("", ":compile=on", ":compile=off")] == [
         "auto", True, False]
     with pytest.raises(ValueError, match="compile must be one of"):
@@ -319,10 +325,7 @@ def test_compile_failure_falls_back_to_eager_steps_with_a_warning(monkeypatch) -
             _run(comp, ps_c, 3)
         _run(eager, ps_e, 3)
         assert comp.compile is False
-        for a, b in zip(ps_c, ps_e):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-            for k in STATE_KEYS:
-                torch.testing.assert_close(comp.state[a][k], eager.state[b][k], rtol=1e-6, atol=1e-12)
+        _assert_same_run(comp, ps_c, eager, ps_e, rtol=1e-6, atol=1e-7)
 
 
 def test_auto_compiles_only_large_tensors(monkeypatch) -> None:

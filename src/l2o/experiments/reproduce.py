@@ -3,7 +3,7 @@
 The grid is the paper's §4 evaluation: five settings (one per figure: 48-48 or 100-200 MLP, batch
 64 or 10, T = 400 or 800) × three datasets (TFD, CIFAR-10, CIFAR-100, or the best real stand-ins
 found here) × optimizers (the paper's nine: seven tuned baselines, L2LBGDBGD, Predicted Step Descent;
-then the learned optimizers beyond the paper, the rest of issue 12's policy × meta-trainer 2 × 2) ×
+then the learned optimizers beyond the paper: the default PSD and issue 12's policy × meta-trainer 2 × 2) ×
 several seeds. Runs go through the benchmark harness (:func:`~l2o.experiments.benchmark.run_grid`:
 spawned worker processes, one atomic record per run, resume skips finished runs). Each figure's
 runs live in their own folder (``OUT/figN/runs/...``) because Figures 2 and 5 share a task and
@@ -133,7 +133,7 @@ BEYOND: dict[str, str] = {
 LEARNED: tuple[str, ...] = PAPER_LEARNED + tuple(BEYOND)
 OPTIMIZERS: tuple[str, ...] = BASELINES + LEARNED
 """The paper's nine (seven tuned hand-designed baselines, L2LBGDBGD, Predicted Step Descent), then
-the learned optimizers beyond the paper (the rest of the 2 × 2)."""
+the learned optimizers beyond the paper (:data:`BEYOND`: the default ``psd`` and the 2 × 2)."""
 
 QUICK_SEEDS = 2
 QUICK_DIVISOR = 40  # --quick runs T/40 iterations (10, or 20 for Figure 5)
@@ -589,7 +589,6 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
         d = data[s.paper]
         L.append(f"- **{s.paper}** → `{d['loader']}` = {d['short']}: {d['description']}")
     L += ["", "Optimizers (the paper's nine, then learned optimizers beyond the paper):", ""]
-
     tuned_src = "the tuned-settings file " + (f"`{config.tuned}`" if config.tuned else
                                               "shipped with l2o (`src/l2o/baselines/tuned.json`)")
     for s in statuses:

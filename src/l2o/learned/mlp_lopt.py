@@ -240,7 +240,7 @@ def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Ten
     ``torch.func.vmap`` over θ, state, g and t when ``chunk`` is None; with ``chunk`` (the front
     end, no autograd) the MLP runs CHUNK coordinates at a time into preallocated buffers. The
     per-tensor RMS normalisation of φ is folded into W1's rows. ``unrolled`` writes the MLP and
-    the linear term as scalar arithmetic (:func:`_mlp_unrolled`; for :func:`compiled_step_`).
+    the linear term as scalar arithmetic (:func:`_mlp_unrolled`, as :func:`compiled_passes` does).
     """
     consts = step_constants(t) if consts is None else consts
     new = update_state(state, g)
@@ -355,9 +355,9 @@ def _step_from_state(w: Mapping[str, Any], state: Mapping[str, Tensor], g: Tenso
 @functools.cache
 def compiled_passes() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
     """:func:`policy_step_`'s job as two ``torch.compile``d passes over the coordinates: (1)
-    ``(state, g, consts) → mean squares of φ`` with the state updated in place, (2) ``(θ, state, g,
-    consts, arch, mean squares) → Δx``: φ recomputed from the new state, the linear term and the
-    MLP (:func:`_mlp_unrolled`). φ never goes to memory, which halves the memory traffic of a
+    ``(state, g, consts) → mean squares of φ`` with the state updated in place, (2) ``(w, state, g,
+    consts) → Δx`` with ``w`` = :func:`step_weights` of those mean squares: φ recomputed from the new
+    state, the linear term and the MLP (:func:`_mlp_unrolled`). φ never goes to memory, which halves the memory traffic of a
     large tensor's step. Each compiles on its first call (tens of seconds; needs a C++ compiler)
     for every tensor size; equal to :func:`policy_step_` up to float rounding."""
     return (torch.compile(_update_and_mean_squares_, dynamic=True), torch.compile(_step_from_state, dynamic=True))
@@ -487,11 +487,11 @@ class MLPLOpt(torch.optim.Optimizer):
                 if not state[k].is_contiguous():
                     state[k] = state[k].contiguous()
             flat = {k: state[k].view(-1) for k in STATE_KEYS}
+            theta, gp = self._theta_for(p), g.to(p.dtype)
             compiled = self.compile is True or (self.compile == "auto" and g.numel() >= COMPILE_MIN)
-            delta = self._compiled_step(self._theta_for(p), flat, g.to(p.dtype), consts[key]) if compiled else None
+            delta = self._compiled_step(theta, flat, gp, consts[key]) if compiled else None
             if delta is None:
-                delta = policy_step_(self._theta_for(p), flat, g.to(p.dtype), consts[key], self.arch,
-                                     self._scratch_for(g))
+                delta = policy_step_(theta, flat, gp, consts[key], self.arch, self._scratch_for(g))
             if not bool(torch.isfinite(delta.sum())) and not torch.isfinite(delta).all():
                 raise FloatingPointError(f"MLPLOpt: the policy's step for a parameter of shape {tuple(p.shape)} "
                                          "is not finite (no parameter was moved)")

@@ -46,8 +46,9 @@ class MetaPSDPESConfig(PESFields):
     LSTM's output layer zeroed, so the starting π is exactly AdaGrad and the LSTM learns a
     correction; its step size reads all of Ψ (``base_schedule = "all"``) or only the step-count
     embedding tanh(t/τ) (``"time"``: a learned schedule in t, as mlp-lopt's); ``base_directions``
-    names the Ψ features it combines (default: the feature set's update directions). ``train``: which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and,
-    with a base, base_u, base_c; default the first five). PES (:class:`~l2o.outer.pes.PESFields`):
+    names the Ψ features it combines (default: the feature set's update directions). ``train``:
+    which of ω's entries θ holds (a list from W_ih, W_hh, b, W_out, b_out and, with a base, base_u,
+    base_c; default the first five). PES (:class:`~l2o.outer.pes.PESFields`):
     ``n_pairs`` N, ``sigma`` σ, ``truncation`` W, ``horizon`` T, ``persistent``, ``stagger``,
     ``rank_shaping``, ``meta_lr`` (Adam on θ), ``loss_clip`` (0 = off). Budget: ``steps`` outer
     steps; ``checkpoint_every``; ``seed`` seeds every draw (optimizee seeds ≥ 10⁶, mini-batches,
