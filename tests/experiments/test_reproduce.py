@@ -20,6 +20,7 @@ from l2o.experiments.reproduce import (
     ReproduceConfig,
     judge,
     reproduce,
+    verdict,
 )
 from l2o.experiments.summary import CellStats
 
@@ -119,6 +120,19 @@ def test_scorecard_rule_uses_the_requested_metric():
     cells = [_cell("psd", 1.0, 0.1, auc=3.0, auc_ci=0.1), _cell("adam", 2.0, 0.1, auc=1.0, auc_ci=0.1)]
     assert judge(cells, "psd", "final") == "win"
     assert judge(cells, "psd", "auc") == "loss"
+
+
+def test_scorecard_judges_each_learned_row_against_the_papers_comparison_set():
+    """A sibling l2o row (mlp-lopt) that beats psd does not change psd's verdict; a hand-designed baseline
+    or L2LBGDBGD that beats it does (the rule's comparison set)."""
+    psd, adam = _cell("psd", 1.0, 0.05), _cell("adam:lr=0.01", 1.5, 0.05)
+    sibling = _cell("mlp-lopt", 0.5, 0.05)
+    assert judge([psd, adam, sibling], "psd", "final") == "loss"  # the raw rule ranks every row
+    assert verdict([psd, adam, sibling], "psd", "final") == "win"
+    assert verdict([psd, adam, sibling], "mlp-lopt", "final") == "win"
+    assert verdict([psd, adam, sibling, _cell("l2lbgdbgd", 0.5, 0.05)], "psd", "final") == "loss"
+    assert verdict([psd, adam, sibling, _cell("adagrad:lr=0.1", 0.98, 0.05)], "psd", "final") == "tie"
+    assert verdict([adam, sibling], "psd", "final") == "absent"
 
 
 @pytest.fixture

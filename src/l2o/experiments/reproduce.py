@@ -20,7 +20,9 @@ metric (final objective f(x_T), AUC = mean f over iterations 1..T), optimizers a
 then lower mean is better). An optimizer **wins** when it ranks first and its 95% interval lies
 entirely below the runner-up's (or the runner-up diverged on some seed and it did not); it
 **ties** when it ranks first without such a margin, or ranks lower but its interval overlaps the
-first's (and it did not diverge where the first did not); otherwise it **loses**.
+first's (and it did not diverge where the first did not); otherwise it **loses**. Each learned
+optimizer is ranked among :data:`COMPARISON` (the paper's seven baselines and L2LBGDBGD) and itself,
+not among the other learned optimizers beyond the paper.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ LEARNED: tuple[str, ...] = PAPER_LEARNED + tuple(BEYOND)
 OPTIMIZERS: tuple[str, ...] = BASELINES + LEARNED
 """The paper's nine (seven tuned hand-designed baselines, L2LBGDBGD, Predicted Step Descent), then
 the learned optimizers beyond the paper (:data:`BEYOND`: the default ``psd`` and the 2 × 2)."""
+COMPARISON: tuple[str, ...] = BASELINES + ("l2lbgdbgd",)
+"""What every learned optimizer is scored against: the paper's comparison set (the seven tuned
+hand-designed baselines and L2LBGDBGD), never the other l2o variants, so that a row's verdicts do
+not depend on which sibling rows the grid happens to list."""
 
 QUICK_SEEDS = 2
 QUICK_DIVISOR = 40  # --quick runs T/40 iterations (10, or 20 for Figure 5)
@@ -455,7 +461,10 @@ SCORECARD_RULE = (
     "its 95% interval lies entirely below the runner-up's (or the runner-up diverged on some seed and it did not); "
     "it ties when it ranks first without that margin, or ranks lower but its interval overlaps the first's "
     "(and it did not diverge where the first did not); otherwise it loses. Non-overlap of two 95% intervals is a "
-    "conservative test, so a win is a clear win.")
+    "conservative test, so a win is a clear win. Each learned optimizer is ranked among the paper's comparison set "
+    "— the seven tuned hand-designed baselines and L2LBGDBGD — and itself, not among the other learned optimizers "
+    "beyond the paper (so a row's verdicts do not depend on which sibling rows are listed; the tables below show "
+    "every row).")
 
 
 def _learned_names(texts: Sequence[str]) -> list[str]:
@@ -472,19 +481,29 @@ def _learned_names(texts: Sequence[str]) -> list[str]:
     return names
 
 
+def rivals(stats: Sequence[CellStats], name: str) -> list[CellStats]:
+    """The part of one cell that optimizer ``name`` is judged in: itself and :data:`COMPARISON`."""
+    return [c for c in stats if _base(c.optimizer) in COMPARISON or _base(c.optimizer) == name]
+
+
+def verdict(stats: Sequence[CellStats], name: str, metric: str) -> str:
+    """:func:`judge` of ``name`` among its :func:`rivals` in one cell: the scorecard's verdict."""
+    return judge(rivals(stats, name), name, metric)
+
+
 def scorecard_counts(cells: Sequence[Cell], name: str) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for metric in ("final", "auc"):
         counts = {"win": 0, "tie": 0, "loss": 0, "absent": 0}
         for c in cells:
-            counts[judge(c.stats, name, metric)] += 1
+            counts[verdict(c.stats, name, metric)] += 1
         out[metric] = counts
     return out
 
 
 def _cell_verdicts(cells: Sequence[Cell], names: Sequence[str]) -> list[dict[str, Any]]:
     return [{"figure": c.setting.figure, "dataset": c.slot.paper, "task": c.task, "iterations": c.setting.iterations,
-             **{f"{n}_{m}": judge(c.stats, n, m) for n in names for m in ("final", "auc")}} for c in cells]
+             **{f"{n}_{m}": verdict(c.stats, n, m) for n in names for m in ("final", "auc")}} for c in cells]
 
 
 def _write_csv(cells: Sequence[Cell], path: Path) -> Path:
@@ -647,7 +666,7 @@ def render_document(cells: Sequence[Cell], statuses: Sequence[OptimizerStatus], 
           "|---" * (5 + len(scorecard)) + "|"]
     for c in cells:
         wf, wa = _winner(c.stats, "final"), _winner(c.stats, "auc")
-        verdicts = [f"{VERDICT[judge(c.stats, n, 'final')]} / {VERDICT[judge(c.stats, n, 'auc')]}" for n in scorecard]
+        verdicts = [f"{VERDICT[verdict(c.stats, n, 'final')]} / {VERDICT[verdict(c.stats, n, 'auc')]}" for n in scorecard]
         L.append(f"| {c.setting.figure} | {c.slot.paper} | {c.setting.label} | "
                  f"{display.get(spec_name.get(wf.optimizer, ''), wf.optimizer) if wf else '—'} | "
                  f"{display.get(spec_name.get(wa.optimizer, ''), wa.optimizer) if wa else '—'} | "
