@@ -188,6 +188,40 @@ def test_learned_optimizer_with_weights_is_scored_and_weight_changes_are_refused
         _quick(tmp_path, **kw)
 
 
+def test_weights_changed_mid_grid_or_after_an_interruption_are_refused(tmp_path, monkeypatch):
+    """The digest is recorded before the first run: weights swapped while the grid runs, or between an
+    interrupted first invocation and its resume, are refused instead of mixed into one row."""
+    import l2o.experiments.reproduce as rep
+
+    psd_lstm = pytest.importorskip("l2o.learned.psd")
+    policy = psd_lstm.save_policy(tmp_path / "psd.safetensors", psd_lstm.init_net(0), {"note": "untrained test weights"})
+    kw = {"optimizers": ("sgd", f"psd:checkpoint={policy}"), "settings": SETTINGS[:1]}
+    real = rep.run_grid
+
+    def swap_then_run(*a, **k):
+        psd_lstm.save_policy(policy, psd_lstm.init_net(1), {"note": "swapped mid-grid"})
+        return real(*a, **k)
+
+    monkeypatch.setattr(rep, "run_grid", swap_then_run)
+    with pytest.raises(ValueError, match="changed while the grid ran"):
+        _quick(tmp_path, **kw)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    def fresh():
+        return rep.reproduce(ReproduceConfig(quick=True, jobs=1, **kw), tmp_path / "fresh", progress=False,
+                             log=lambda s: None)
+
+    monkeypatch.setattr(rep, "run_grid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fresh()
+    psd_lstm.save_policy(policy, psd_lstm.init_net(2), {"note": "changed after the interruption"})
+    monkeypatch.setattr(rep, "run_grid", real)
+    with pytest.raises(ValueError, match="changed since the runs"):
+        fresh()
+
+
 def test_a_bug_in_an_optimizer_is_raised_not_reported_as_absent(monkeypatch):
     """ValueError/OSError (unknown name, missing or bad weights, no tuned setting) mean "cannot run";
     any other exception is a bug and must propagate instead of marking the optimizer absent."""

@@ -385,6 +385,9 @@ def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progr
                 f"the weights of {name!r} changed since the runs in {out} were made (sha256 {old[:12]}… → "
                 f"{digests[name][:12]}…): delete {out}/fig*/runs/*/{slug(name)} or use a new --out")
 
+    if digests:  # recorded before any run, so an interrupted first invocation is guarded too
+        write_json_atomic(manifest_path, {**manifest, "checkpoints": {**(manifest.get("checkpoints") or {}),
+                                                                      **digests}})
     slots = config.slots()
     data = _dataset_info(slots, config.data_dir)
     settings = config.grid_settings()
@@ -415,6 +418,7 @@ def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progr
         if owned and executor is not None:
             executor.close()
     wall = time.perf_counter() - t0
+    _check_weights_unchanged(config, digests, out)
 
     figdir = doc.parent / "figures" / "reproduction"
     files: dict[str, Path] = {}
@@ -465,6 +469,19 @@ SCORECARD_RULE = (
     "— the seven tuned hand-designed baselines and L2LBGDBGD — and itself, not among the other learned optimizers "
     "beyond the paper (so a row's verdicts do not depend on which sibling rows are listed; the tables below show "
     "every row).")
+
+
+def _check_weights_unchanged(config: ReproduceConfig, digests: dict[str, str], out: Path) -> None:
+    """Refuse to summarise runs if a weight file changed while the grid ran: workers load the file
+    when they start a run, so the stored runs could mix two sets of weights."""
+    now = {str(s.spec): s.checkpoint_sha256 for s in check_optimizers(config.optimizers, config.tuned)
+           if s.available and s.checkpoint_sha256}
+    changed = [name for name, d in digests.items() if now.get(name) != d]
+    if changed:
+        raise ValueError(
+            f"the weights of {', '.join(map(repr, changed))} changed while the grid ran, so its stored runs may mix "
+            f"two sets of weights; delete {out}/fig*/runs/*/" + "{" + ",".join(slug(n) for n in changed) + "}"
+            " (or use a new --out) and rerun")
 
 
 def _learned_names(texts: Sequence[str]) -> list[str]:
