@@ -346,3 +346,86 @@ def test_auto_compiles_only_large_tensors(monkeypatch) -> None:
     monkeypatch.setattr(opt, "_compiled_step", spy)
     _run(opt, ps, 2)
     assert seen == [35, 35]
+
+
+# ---------------------------------------------------------------- the signal-to-noise term (snr)
+
+
+def test_snr_with_zero_coefficient_is_the_same_optimizer_bit_for_bit() -> None:
+    """with_snr appends c₄ = 0: every step of the snr architecture equals the original's exactly."""
+    from l2o.learned.mlp_lopt import with_snr
+
+    th = random_theta(MLPLOptArch())
+    th_s, arch_s = with_snr(th, MLPLOptArch())
+    assert arch_s.snr and th_s["c"].shape == (5,) and th_s["c"][-1] == 0 and th["c"].shape == (4,)
+    ps_a, ps_b = _model(4), _model(4)
+    _run(MLPLOpt(ps_a, theta=th, compile=False), ps_a, 12)
+    _run(MLPLOpt(ps_b, theta=th_s, arch=arch_s, compile=False), ps_b, 12)
+    for a, b in zip(ps_a, ps_b):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="already has the snr term"):
+        with_snr(th_s, arch_s)
+
+
+def test_snr_step_size_is_the_closed_form_signal_to_noise_ratio() -> None:
+    """The step size the policy uses equals α₀·exp(c₀ + c₁:₄·τ + c₄·log ρ) with ρ computed directly
+    from bias-corrected moments, mean_j (m̂^0.99_j / (√v̂^0.999_j + ε₂))²; checked through Δx with u = e₁
+    and the MLP off (Δx = −step·AdaGrad direction). A wrong ρ row or a sign flip of c₄ fails."""
+    from l2o.learned.mlp_lopt import N_TIME, time_features
+
+    arch = MLPLOptArch(hidden=4, snr=True)
+    th = init_theta(arch)
+    th["c"] = torch.tensor([0.2, -0.3, 0.1, 0.05, 0.7])
+    th = {k: v.double() for k, v in th.items()}
+    g_seq = torch.randn(9, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.3
+    st = init_state(g_seq[0])
+    for t, g in enumerate(g_seq, start=1):
+        d, st = policy_step(th, st, g, torch.tensor(float(t), dtype=torch.float64), arch)
+    t = len(g_seq)
+    m = sum(0.01 * 0.99 ** (t - i) * g_seq[i - 1] for i in range(1, t + 1)) / (1 - 0.99 ** t)
+    v = sum(0.001 * 0.999 ** (t - i) * g_seq[i - 1] ** 2 for i in range(1, t + 1)) / (1 - 0.999 ** t)
+    rho = ((m / (v.sqrt() + 1e-8)) ** 2).mean()
+    tau = time_features(torch.tensor(float(t), dtype=torch.float64))
+    step = 0.1 * torch.exp(th["c"][0] + (th["c"][1:1 + N_TIME] * tau).sum() + th["c"][-1] * torch.log(rho))
+    adagrad_dir = g_seq[-1] / ((g_seq ** 2).sum(0).sqrt() + 1e-10)
+    torch.testing.assert_close(d, -step * adagrad_dir, rtol=1e-9, atol=1e-12)
+    assert 0 < rho < 1
+
+
+def test_snr_shrinks_the_step_under_gradient_noise_and_is_scale_free() -> None:
+    """ρ ≈ 1 for a clean constant gradient and ≈ 1/199 for pure noise, so with c₄ > 0 the step is
+    much smaller under noise; multiplying the gradients by 1000 leaves it unchanged."""
+    arch = MLPLOptArch(hidden=4, snr=True)
+    th = init_theta(arch)
+    th["c"][-1] = 0.5
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.full((300, 400), 0.01, dtype=torch.float64)
+    noisy = torch.randn(300, 400, dtype=torch.float64, generator=gen)
+    th = {k: v.double() for k, v in th.items()}
+
+    def last_step_size(gs):
+        st = init_state(gs[0])
+        for t, g in enumerate(gs, start=1):
+            d, st = policy_step(th, st, g, torch.tensor(float(t), dtype=torch.float64), arch)
+        return (d.abs() / (gs[-1].abs() / (gs ** 2).sum(0).sqrt())).median()  # Δx / AdaGrad direction
+
+    s_clean, s_noisy = last_step_size(clean), last_step_size(noisy)
+    assert s_clean == pytest.approx(0.1, rel=1e-3)          # ρ = 1: log ρ = 0
+    assert s_noisy < 0.35 * s_clean                           # ρ ≈ 1/199·(1 + decay effects): ≈ exp(-0.5·4.8)
+    assert last_step_size(noisy * 1000) == pytest.approx(s_noisy.item(), rel=1e-6)
+
+
+def test_snr_checkpoints_round_trip_and_old_files_load_without_it(tmp_path) -> None:
+    arch = MLPLOptArch(hidden=6, snr=True)
+    th = random_theta(arch)
+    th2, arch2, _ = load_policy(save_policy(tmp_path / "s.safetensors", th, arch))
+    assert arch2 == arch and torch.equal(th2["c"], th["c"])
+    _, old_arch, _ = load_policy(DEFAULT_CHECKPOINT)  # written before the field existed
+    assert old_arch.snr is False
+    with pytest.raises(ValueError, match="snr must be"):
+        MLPLOptArch(snr=1)
+    from l2o.learned.mlp_lopt import inputs, policy_from_inputs
+
+    x = inputs({k: torch.rand(5) for k in STATE_KEYS}, torch.randn(5), torch.tensor(3.0))
+    with pytest.raises(ValueError, match="Convolutional GPS"):
+        policy_from_inputs(th, x, arch)

@@ -106,6 +106,23 @@ def test_init_from_starts_at_the_saved_theta(tmp_path) -> None:
         build_trainer(_config(init_from=str(other)), _tasks())
 
 
+def test_init_from_a_policy_without_the_snr_term_starts_snr_training_at_the_same_optimizer(tmp_path) -> None:
+    """snr = true from a θ saved without the term: c gets c₄ = 0 (the same optimizer), the rest is the
+    saved θ; training then moves c₄ and exports an snr policy."""
+    arch = MLPLOptArch(hidden=8)
+    theta = theta_to_flat(init_theta(arch)) + 0.05 * torch.randn(arch.dim, generator=torch.Generator().manual_seed(3))
+    path = save_policy(tmp_path / "p.safetensors", flat_to_theta(theta, arch), arch)
+    tr = build_trainer(_config(init_from=str(path), snr=True), _tasks())
+    start = flat_to_theta(tr.theta, MLPLOptArch(hidden=8, snr=True))
+    saved = flat_to_theta(theta, arch)
+    assert start["c"][-1] == 0 and torch.equal(start["c"][:-1], saved["c"])
+    assert all(torch.equal(start[k], saved[k]) for k in saved if k != "c")
+    meta_train(_config(init_from=str(path), snr=True, steps=3, sigma=0.3), tmp_path / "run", progress=False,
+               task=_tasks())
+    th, arch_out, _ = load_policy(tmp_path / "run" / "mlp-lopt.safetensors")
+    assert arch_out.snr and th["c"][-1] != 0
+
+
 @pytest.mark.parametrize("tasks, match", [
     ([], "empty"),
     (["cifar10:48-48:b10"], "not an MNIST"),

@@ -14,11 +14,17 @@ are unchanged when the loss is multiplied by c > 0 (up to the ε's). The step-co
 τ(t) = tanh(t/s) for s ∈ {10, 100, 1000} needs no horizon.
 
 The update (θ = {u, c, W1, b1, W2, b2}) is
-  x ← x − α₀·exp(c₀ + c₁:·τ(t))·(uᵀd) − α₁·δ·exp(μ),   [δ, μ] = W2ᵀ relu(W1ᵀ[φ; τ(t)] + b1) + b2,
+  x ← x − α₀·exp(c₀ + c₁:₄·τ(t) [+ c₄·log ρ])·(uᵀd) − α₁·δ·exp(μ),
+  [δ, μ] = W2ᵀ relu(W1ᵀ[φ; τ(t)] + b1) + b2,
 where φ is the 8 features each divided by its root-mean-square over the parameter tensor,
 α₀ = 0.1 (tuned AdaGrad's learning rate, ``base_lr``) and α₁ = 0.01 (``mlp_scale``). The first term
 is a learned combination of the hand-designed directions with a learned step-size schedule; the
-second is the MLP. :func:`init_theta` sets u = e₁, c = 0, W2 = b2 = 0, which is exactly
+second is the MLP. The bracketed term is on only in the ``snr`` architecture: ρ = mean over the
+tensor of (m̂^0.99/√v̂^0.999)², a per-tensor signal-to-noise ratio (1 for a noiseless constant
+gradient, ≈ 1/199 for pure noise: m^0.99 averages the noise out), so the step size can shrink where
+mini-batch noise dominates, as AdaGrad's does, and stay large where it does not; ρ is scale-free
+and costs nothing (it is d₅'s mean square, which the MLP's normalisation computes anyway).
+:func:`init_theta` sets u = e₁, c = 0, W2 = b2 = 0, which is exactly
 ``torch.optim.Adagrad(lr=0.1, eps=1e-10)``; meta-training (:mod:`l2o.outer`) moves θ from there.
 
 Everything is a pure function of tensors (:func:`policy_step`), so :mod:`l2o.outer` evaluates many
@@ -29,6 +35,7 @@ flattened tensor ops, in place (Python work per step: O(#tensors), plus one MLP 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -79,11 +86,14 @@ MAG_CLAMP = 10.0
 
 @dataclass(frozen=True)
 class MLPLOptArch:
-    """Architecture constants (stored in every checkpoint): hidden width H ≤ 32, α₀, α₁."""
+    """Architecture constants (stored in every checkpoint): hidden width H ≤ 32, α₀, α₁, and
+    ``snr``: whether the step size also reads the per-tensor signal-to-noise ratio ρ (θ's c gets a
+    fifth entry; checkpoints written before the field existed load as ``snr=False``)."""
 
     hidden: int = 32
     base_lr: float = 0.1
     mlp_scale: float = 0.01
+    snr: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.hidden, int) and 1 <= self.hidden <= 32):
@@ -92,11 +102,13 @@ class MLPLOptArch:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"mlp-lopt: {name} must be a finite number > 0, got {v!r}")
+        if not isinstance(self.snr, bool):
+            raise ValueError(f"mlp-lopt: snr must be true or false, got {self.snr!r}")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of θ's tensors, in :data:`THETA_KEYS` order."""
         H = self.hidden
-        return {"u": (N_DIRECTIONS,), "c": (1 + N_TIME,), "W1": (N_COORD_FEATURES + N_TIME, H), "b1": (H,),
+        return {"u": (N_DIRECTIONS,), "c": (1 + N_TIME + int(self.snr),), "W1": (N_COORD_FEATURES + N_TIME, H), "b1": (H,),
                 "W2": (H, 2), "b2": (2,)}
 
     @property
@@ -114,6 +126,21 @@ def init_theta(arch: MLPLOptArch = MLPLOptArch(), seed: int = 0, dtype: torch.dt
     theta["u"][0] = 1.0
     theta["W1"] = torch.randn(shapes["W1"], generator=g, dtype=torch.float64) / math.sqrt(shapes["W1"][0])
     return {k: v.to(dtype) for k, v in theta.items()}
+
+
+def with_snr(theta: Mapping[str, Tensor], arch: MLPLOptArch) -> tuple[dict[str, Tensor], MLPLOptArch]:
+    """The same optimizer in the ``snr`` architecture: c gets c₄ = 0, so every step is unchanged
+    (the start of a meta-training run that may learn to use ρ)."""
+    if arch.snr:
+        raise ValueError("mlp-lopt: θ already has the snr term")
+    theta = {k: v.clone() for k, v in theta.items()}
+    theta["c"] = torch.cat([theta["c"], theta["c"].new_zeros(1)])
+    return theta, dataclasses.replace(arch, snr=True)
+
+
+def snr_index() -> int:
+    """Row of φ whose mean square, times its row scale squared, is ρ (d₅ = m̂^0.99/√v̂^0.999)."""
+    return 5
 
 
 def theta_to_flat(theta: Mapping[str, Tensor]) -> Tensor:
@@ -255,12 +282,17 @@ def policy_step(theta: Mapping[str, Tensor], state: Mapping[str, Tensor], g: Ten
 
 def step_weights(theta: Mapping[str, Tensor], mean_square: Tensor, consts: Mapping[str, Tensor],
                  arch: MLPLOptArch) -> dict[str, Any]:
-    """What Δx needs besides φ, for one tensor at one step: the step size α₀·exp(c₀ + c₁:·τ), u with
-    the row scales folded in, W1's φ rows divided by φ's RMS over the tensor (``mean_square`` [8]),
-    b1 + τᵀ·W1's τ rows, W2, b2 and −α₁."""
+    """What Δx needs besides φ, for one tensor at one step: the step size α₀·exp(c₀ + c₁:₄·τ
+    [+ c₄·log ρ]), u with the row scales folded in, W1's φ rows divided by φ's RMS over the tensor
+    (``mean_square`` [8]), b1 + τᵀ·W1's τ rows, W2, b2 and −α₁."""
     tau = consts["tau"].to(mean_square.dtype)
     c, W1 = theta["c"], theta["W1"]
-    return {"step_size": arch.base_lr * torch.exp(c[0] + (c[1:] * tau).sum()),
+    exponent = c[0] + (c[1:1 + N_TIME] * tau).sum()
+    if arch.snr:
+        k = snr_index()
+        rho = mean_square[k] * consts["rs"][k].to(mean_square.dtype).square()
+        exponent = exponent + c[1 + N_TIME] * torch.log(rho + 1e-12)
+    return {"step_size": arch.base_lr * torch.exp(exponent),
             "u": theta["u"] * consts["rs"][:N_DIRECTIONS].to(mean_square.dtype),
             "W1n": W1[:N_COORD_FEATURES] * torch.rsqrt(mean_square + 1e-12).unsqueeze(-1),
             "bias": theta["b1"] + tau @ W1[N_COORD_FEATURES:], "W2": theta["W2"], "b2": theta["b2"],
@@ -303,6 +335,9 @@ N_INPUTS = N_DIRECTIONS + N_COORD_FEATURES + N_TIME
 def policy_from_inputs(theta: Mapping[str, Tensor], x: Tensor, arch: MLPLOptArch) -> Tensor:
     """Δx from :func:`inputs` ``x`` [..., 18] (any leading shape; differentiable in θ): the update of
     the module docstring, −α₀·exp(c₀ + c₁:·τ)·(uᵀd) − α₁·δ·exp(μ)."""
+    if arch.snr:
+        raise ValueError("mlp-lopt: the snr architecture's ρ is a per-tensor statistic that the per-coordinate "
+                         "inputs of Convolutional GPS do not carry; meta-train it with PES")
     d, phi, tau = x.split([N_DIRECTIONS, N_COORD_FEATURES, N_TIME], dim=-1)
     c = theta["c"]
     step_size = arch.base_lr * torch.exp(c[0] + tau @ c[1:])

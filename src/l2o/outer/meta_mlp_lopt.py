@@ -10,6 +10,7 @@ OUT/log.jsonl and exports the current θ as OUT/mlp-lopt.safetensors (+ .json) a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ import torch
 
 from l2o.config import check_field_types, check_keys, read_config_file
 from l2o.learned.mlp_lopt import (MLPLOptArch, flat_to_theta, init_theta, load_policy, save_policy,
-                                  theta_to_flat)
+                                  theta_to_flat, with_snr)
 from l2o.outer.base import cli_meta_train, OuterRunResult, config_resume_check, run_outer
 from l2o.outer.lopt import MLPLOptMixture, MLPLOptProblem
 from l2o.outer.pes import PESFields, PESTrainer, centred_ranks, training_info
@@ -35,7 +36,8 @@ _RESUME_MAY_CHANGE = frozenset({"steps", "data_dir", "checkpoint_every"})
 class MetaMLPLOptConfig(PESFields):
     """What to meta-train (``configs/mlp-lopt-pes.toml``).
 
-    Architecture: ``hidden`` (≤ 32), ``base_lr`` α₀, ``mlp_scale`` α₁, ``init_seed`` (W1's draw).
+    Architecture: ``hidden`` (≤ 32), ``base_lr`` α₀, ``mlp_scale`` α₁, ``snr`` (the step size also
+    reads the per-tensor signal-to-noise ratio ρ, :mod:`l2o.learned.mlp_lopt`), ``init_seed`` (W1's draw).
     PES (:class:`~l2o.outer.pes.PESFields`): ``n_pairs`` N, ``sigma`` σ, ``truncation`` W,
     ``horizon`` T, ``persistent``, ``stagger``, ``rank_shaping``, ``meta_lr`` (Adam on θ),
     ``loss_clip`` (0 = off). Budget: ``steps`` outer steps; ``checkpoint_every`` outer steps per
@@ -45,7 +47,8 @@ class MetaMLPLOptConfig(PESFields):
     e.g. ``["mnist:48-48:b64", "mnist:48-48:b10"]``) among which the particles are assigned
     round-robin (needs ``n_pairs`` ≥ the number of tasks); ``tasks`` replaces ``task`` (a config
     file may give only one of the two). ``init_from``: a policy (``mlp-lopt.safetensors``) or PES
-    training checkpoint whose θ starts the run instead of θ₀ (its arch must equal this one's).
+    training checkpoint whose θ starts the run instead of θ₀ (its arch must equal this one's, except
+    that a θ without the snr term starts an ``snr`` run with c₄ = 0: the same optimizer).
     With ``tasks``, ``rank_shaping`` ranks within each task's particles (tasks weigh equally);
     without it the raw losses are used, and the task whose loss reacts most to θ dominates.
     """
@@ -56,6 +59,7 @@ class MetaMLPLOptConfig(PESFields):
     hidden: int = 32
     base_lr: float = 0.1
     mlp_scale: float = 0.01
+    snr: bool = False
     init_seed: int = 0
     # the PES fields are PESFields'; these override its defaults
     loss_clip: float = 10.0
@@ -90,7 +94,7 @@ class MetaMLPLOptConfig(PESFields):
 
     @property
     def arch(self) -> MLPLOptArch:
-        return MLPLOptArch(hidden=self.hidden, base_lr=self.base_lr, mlp_scale=self.mlp_scale)
+        return MLPLOptArch(hidden=self.hidden, base_lr=self.base_lr, mlp_scale=self.mlp_scale, snr=self.snr)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MetaMLPLOptConfig:
@@ -168,6 +172,8 @@ def initial_theta(config: MetaMLPLOptConfig) -> torch.Tensor:
     if config.init_from is None:
         return theta_to_flat(init_theta(arch, config.init_seed, dtype))
     theta, saved_arch, _ = load_policy(config.init_from)
+    if arch.snr and saved_arch == dataclasses.replace(arch, snr=False):
+        theta, saved_arch = with_snr(theta, saved_arch)  # c₄ = 0: starts as the same optimizer
     if saved_arch != arch:
         raise ValueError(f"mlp-lopt config: init_from {config.init_from} has arch {saved_arch}, the config's is {arch}")
     return theta_to_flat(theta).to(dtype)
