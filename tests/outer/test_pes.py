@@ -124,3 +124,36 @@ def test_config_is_validated() -> None:
         PESConfig(sigma=0.0)
     with pytest.raises(ValueError):
         PESConfig(n_pairs=0)
+
+
+class _LossIsTheStep:
+    """An inner problem whose loss at 0-based step t is t + 1 + θ₀ (both branches): the meta-objective's
+    weighting is then visible in closed form."""
+
+    dim = 1
+
+    def init_runs(self, n, gen):
+        return {"x": torch.zeros(n, 1, dtype=torch.float64)}
+
+    def step(self, theta, state, t, gen):
+        return (t + 1).to(torch.float64).expand(2, -1) + theta[..., 0], state
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.5])
+def test_late_weight_weighs_step_t_by_the_stated_power(p: float) -> None:
+    """L of one truncation = mean over its steps s of (p+1)(s/T)^p · loss_s; p = 0 is the plain mean;
+    over a whole run the weights average ≈ 1. A weight applied to the wrong step index fails."""
+    T, W = 12, 4
+    cfg = PESConfig(n_pairs=2, sigma=1e-9, truncation=W, horizon=T, stagger=False, late_weight=p)
+    tr = PESTrainer(_LossIsTheStep(), cfg, torch.zeros(1, dtype=torch.float64), seed=0)
+    tr._start()
+    theta_pm = torch.zeros(2, 2, 1, dtype=torch.float64)
+    for k in range(T // W):
+        steps = torch.arange(k * W + 1, (k + 1) * W + 1, dtype=torch.float64)
+        want = ((p + 1) * (steps / T) ** p * steps).mean()
+        torch.testing.assert_close(tr._unroll(theta_pm), torch.full((2, 2), float(want), dtype=torch.float64))
+        tr.t = tr.t + W
+    w = tr.weight(torch.arange(T))
+    assert float(w.mean()) == pytest.approx(1.0, abs=0.6 / T * (p + 1)) and (p > 0 or bool((w == 1).all()))
+    with pytest.raises(ValueError, match="late_weight"):
+        PESConfig(late_weight=-1.0)

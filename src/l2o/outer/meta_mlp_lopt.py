@@ -220,7 +220,8 @@ def meta_train(config: MetaMLPLOptConfig, out: str | os.PathLike, *, resume: boo
         return run_outer(trainer, out, config.steps, meta=meta, resume=resume, checkpoint_every=config.checkpoint_every,
                          stop_after=stop_after, progress=progress, desc="meta-train mlp-lopt (PES)",
                          on_checkpoint=export,
-                         resume_check=config_resume_check(out, asdict(config), _RESUME_MAY_CHANGE))
+                         resume_check=config_resume_check(out, asdict(config), _RESUME_MAY_CHANGE,
+                                                          defaults={"snr": False, "late_weight": 0.0}))
     finally:
         torch.set_num_threads(threads)
 

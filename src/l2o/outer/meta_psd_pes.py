@@ -183,7 +183,7 @@ def meta_train(config: MetaPSDPESConfig, out: str | os.PathLike, *, resume: bool
         cfg = asdict(config)
         meta = {"config": cfg, "init_sha256": sha, "features": features, "dim": problem.dim,
                 "command": command, "torch": torch.__version__}
-        check_config = config_resume_check(out, cfg, _RESUME_MAY_CHANGE)
+        check_config = config_resume_check(out, cfg, _RESUME_MAY_CHANGE, defaults={"late_weight": 0.0})
 
         def check(saved: Mapping[str, Any]) -> None:
             check_config(saved)

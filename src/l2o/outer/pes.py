@@ -17,6 +17,7 @@ One inner step of all 2N runs is one batched computation of the :class:`~l2o.out
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -59,6 +60,7 @@ class PESFields:
     rank_shaping: bool = False
     meta_lr: float = 1e-3
     loss_clip: float = 0.0
+    late_weight: float = 0.0
 
     @property
     def pes(self) -> PESConfig:
@@ -69,7 +71,10 @@ class PESFields:
 @dataclass(frozen=True)
 class PESConfig(PESFields):
     """PES hyperparameters. ``loss_clip`` > 0 clips every inner loss (NaN/inf → the clip) and restarts
-    runs whose state stops being finite; 0 = off. ``meta_lr``/``beta1``/``beta2``: Adam on θ."""
+    runs whose state stops being finite; 0 = off. ``meta_lr``/``beta1``/``beta2``: Adam on θ.
+    ``late_weight`` p ≥ 0 weighs the loss of inner step t (1-based) by w(t) = (p+1)·(t/T)^p, whose
+    mean over a run is ≈ 1: p = 0 is the paper's meta-objective (the mean loss over the trajectory),
+    p > 0 moves weight towards the end of the run, i.e. towards the final objective f(x_T)."""
 
     beta1: float = 0.9
     beta2: float = 0.999
@@ -89,6 +94,8 @@ class PESConfig(PESFields):
                 raise ValueError(f"pes: {name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.loss_clip >= 0:
             raise ValueError(f"pes: loss_clip must be >= 0 (0 = off), got {self.loss_clip!r}")
+        if not (math.isfinite(self.late_weight) and self.late_weight >= 0):
+            raise ValueError(f"pes: late_weight must be a finite number >= 0 (0 = the mean loss), got {self.late_weight!r}")
 
 
 def training_info(step: int, wall: float, log: list[dict[str, Any]], config: Mapping[str, Any],
@@ -147,8 +154,15 @@ class PESTrainer(OuterTrainer):
         self.t[idx] = 0
         self.runs[idx] += 1
 
+    def weight(self, t: Tensor) -> Tensor:
+        """The meta-objective's weight of the loss at 0-based inner step ``t`` (step t + 1 of T)."""
+        p = self.config.late_weight
+        if p == 0:
+            return torch.ones(t.shape, dtype=torch.float64)
+        return (p + 1) * ((t + 1).to(torch.float64) / self.config.horizon) ** p
+
     def _unroll(self, theta_pm: Tensor) -> Tensor:
-        """W inner steps of every run; returns the mean (clipped) loss per branch [2, N]."""
+        """W inner steps of every run; returns the mean (clipped, :meth:`weight`-ed) loss per branch [2, N]."""
         cfg = self.config
         total = torch.zeros(2, cfg.n_pairs, dtype=theta_pm.dtype)
         for s in range(cfg.truncation):
@@ -156,6 +170,8 @@ class PESTrainer(OuterTrainer):
             if cfg.loss_clip > 0:
                 loss = torch.nan_to_num(loss, nan=cfg.loss_clip, posinf=cfg.loss_clip, neginf=-cfg.loss_clip)
                 loss = loss.clamp(max=cfg.loss_clip)
+            if cfg.late_weight:
+                loss = loss * self.weight(self.t + s).to(loss.dtype)
             total = total + loss.to(total.dtype)
         return total / cfg.truncation
 
