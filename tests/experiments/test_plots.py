@@ -37,3 +37,25 @@ def test_figure_uses_the_log_axis_only_for_panels_that_need_it(tmp_path, monkeyp
     path = plot_benchmark(wide + narrow, tmp_path / "f.png", title="x")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert calls == ["log"]
+
+
+def test_a_blowing_up_curve_does_not_flatten_the_others_and_is_flagged(tmp_path, monkeypatch):
+    """The axis ends at TOP_FACTOR × the highest start, a curve that ends above it says so in the legend
+    (an early spike that comes back does not), and
+    15 optimizers get 15 distinct colours (tab10 would repeat 4)."""
+    import matplotlib.pyplot as plt
+
+    from l2o.experiments.plots import TOP_FACTOR
+
+    saved = {}
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: saved.setdefault("fig", self))
+    good = [_run(f"opt{i}", list(np.linspace(2.5, 1.0 + 0.05 * i, 41))) for i in range(13)]
+    bad = _run("boom", list(np.geomspace(2.5, 1e9, 41)))
+    good.append(_run("spike", [2.5, 100.0] + list(np.linspace(2.4, 1.2, 39))))  # back on the axis: not flagged
+    plot_benchmark(good + [bad], tmp_path / "f.png")
+    ax = saved["fig"].axes[0]
+    assert ax.get_ylim()[1] <= TOP_FACTOR * 2.5 + 1e-9
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[-1] == "boom ↑ ends off the axis" and not any("off the axis" in s for s in labels[:-1])
+    colours = {tuple(line.get_color()) for line in ax.lines}
+    assert len(colours) == 15

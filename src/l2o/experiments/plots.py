@@ -1,7 +1,10 @@
 """Figures in the style of the paper's Figures 1–5: true objective vs iteration, one panel per task,
 one line per optimizer (mean over seeds) with a shaded 95% interval. Diverged runs end their line
 where they diverged and are marked ✕ in the legend count. A panel whose curves span more than a
-decade (all positive) gets a logarithmic objective axis (:func:`objective_scale`).
+decade (all positive) gets a logarithmic objective axis (:func:`objective_scale`). The axis stops at
+:data:`TOP_FACTOR` × the highest starting value, so one blowing-up curve cannot flatten the others;
+a curve that ends above the axis says so in the legend ("↑ ends off the axis"). Up to 20 optimizers get
+distinct colours (tab10, then tab20).
 
 When any run carries a wall clock (run-record format 2), each row of iteration panels gets a row of
 wall-clock panels beneath it: the same mean curves against the mean over seeds of the cumulative
@@ -45,6 +48,8 @@ def _time_axis(runs: list[RunResult]) -> np.ndarray:
         return np.nanmean(w, axis=0)
 
 
+TOP_FACTOR = 3.0
+"""The objective axis ends at this multiple of the highest mean starting value f(x_0) of the panel."""
 LOG_SPAN = 10.0
 """A panel's objective axis is logarithmic when its curves span more than this factor."""
 
@@ -73,20 +78,29 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
     fig, grid = plt.subplots(rows * per, cols, figsize=(5.2 * cols, 3.8 * rows * per), squeeze=False)
     axes = grid[0::per]
     time_axes = grid[1::per] if timed else None
-    cmap = plt.get_cmap("tab10")
     optimizers = list(dict.fromkeys(r.optimizer for r in results))
-    colour = {o: cmap(i % 10) for i, o in enumerate(optimizers)}
+    n_col = 10 if len(optimizers) <= 10 else 20
+    cmap = plt.get_cmap(f"tab{n_col}")
+    colour = {o: cmap(i % n_col) for i, o in enumerate(optimizers)}
     for k, task in enumerate(tasks):
         ax = axes.flat[k]
         tax = time_axes.flat[k] if timed else None
         ys_lo, ys_hi, means = [], [], []
+        ends: dict[str, float] = {}  # legend label → the mean curve's last value (runs without divergence)
+        panel = {opt: [r for r in results if r.task == task and r.optimizer == opt] for opt in optimizers}
+        starts = [m[np.isfinite(m)][0] for m in (_curves(rs)[1] for rs in panel.values() if rs)
+                  if np.isfinite(m).any()]
+        top = TOP_FACTOR * max(starts) if starts and max(starts) > 0 else math.inf
         for opt in optimizers:
-            runs = [r for r in results if r.task == task and r.optimizer == opt]
+            runs = panel[opt]
             if not runs:
                 continue
             x, mean, half = _curves(runs)
             div = sum(r.diverged for r in runs)
             name = (labels or {}).get(opt, opt) + (f" (✕ {div}/{len(runs)} diverged)" if div else "")
+            last = mean[np.isfinite(mean)]
+            if not div and last.size:
+                ends[name] = last[-1]
             ax.plot(x, mean, color=colour[opt], lw=1.4, label=name)
             ax.fill_between(x, mean - half, mean + half, color=colour[opt], alpha=0.2, lw=0)
             with_clock = [r for r in runs if r.wall_clock_s is not None]
@@ -96,7 +110,7 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
                 ok = np.isfinite(secs) & np.isfinite(tmean)
                 tax.plot(secs[ok], tmean[ok], color=colour[opt], lw=1.4, label=name)
                 tax.fill_between(secs[ok], (tmean - thalf)[ok], (tmean + thalf)[ok], color=colour[opt], alpha=0.2, lw=0)
-            means.append(mean)
+            means.append(np.minimum(mean, top))
             finite = mean[np.isfinite(mean)]
             if finite.size:
                 ys_lo.append(finite.min())
@@ -110,6 +124,9 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
             lo, hi = min(ys_lo), max(ys_hi)
             pad = 0.05 * (hi - lo if hi > lo else 1.0)
             ax.set_ylim(max(0.0, lo - pad), hi + 4 * pad)
+        for line in list(ax.lines) + (list(tax.lines) if tax is not None else []):
+            if ends.get(line.get_label(), -math.inf) > ax.get_ylim()[1]:
+                line.set_label(line.get_label() + " ↑ ends off the axis")
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel("true objective f(x)" + (" (log scale)" if scale == "log" else ""))

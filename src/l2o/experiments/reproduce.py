@@ -720,7 +720,8 @@ def _closing(cells, statuses, scorecard, display, config) -> list[str]:
                  f"0 of {n} cells are scored for it. Rerun the command once its weights exist; only its runs will be added.")
     else:
         f, a = scorecard[psd]["final"], scorecard[psd]["auc"]
-        L.append(f"**Predicted Step Descent** — by final objective it wins {f['win']}, ties {f['tie']} and loses "
+        which = " (the paper's, `psd-paper`)" if psd == "psd-paper" else ""
+        L.append(f"**Predicted Step Descent**{which} — by final objective it wins {f['win']}, ties {f['tie']} and loses "
                  f"{f['loss']} of the {n} cells; by AUC it wins {a['win']}, ties {a['tie']} and loses {a['loss']}"
                  + (f" ({f['absent']} cells without PSD runs)" if f["absent"] else "") + ".")
         if f["win"] + f["tie"] < n:
