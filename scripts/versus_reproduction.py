@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from l2o.experiments.reproduce import verdict
 from l2o.experiments.runner import RunResult
 from l2o.experiments.store import slug
-from l2o.experiments.summary import CellStats, summarize
+from l2o.experiments.summary import summarize
+from scorecard import verdict as head_to_head  # scripts/scorecard.py: disjoint 95% intervals = win/loss, else tie
 
 
 def _runs(folder: Path, pattern: str = "*/seed*.json") -> list[RunResult]:
     return [RunResult.from_dict(json.loads(f.read_text())) for f in sorted(folder.glob(pattern))]
-
-
-def head_to_head(a: CellStats, b: CellStats, metric: str) -> str:
-    """``a`` against ``b`` (lower is better): win/loss when the 95% intervals are disjoint, else tie."""
-    am, ac = (a.final_mean, a.final_ci) if metric == "final" else (a.auc_mean, a.auc_ci)
-    bm, bc = (b.final_mean, b.final_ci) if metric == "final" else (b.auc_mean, b.auc_ci)
-    if a.diverged or b.diverged or not all(map(math.isfinite, (am, ac, bm, bc))):
-        return "tie"
-    return "win" if am + ac < bm - bc else "loss" if am - ac > bm + bc else "tie"
 
 
 def main(argv: list[str] | None = None) -> int:

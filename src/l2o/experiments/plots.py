@@ -88,14 +88,11 @@ def plot_benchmark(results: Iterable[RunResult], path: Path, title: str | None =
         ys_lo, ys_hi, means = [], [], []
         ends: dict[str, float] = {}  # legend label → the mean curve's last value (runs without divergence)
         panel = {opt: [r for r in results if r.task == task and r.optimizer == opt] for opt in optimizers}
-        starts = [m[np.isfinite(m)][0] for m in (_curves(rs)[1] for rs in panel.values() if rs)
-                  if np.isfinite(m).any()]
+        curves = {opt: _curves(runs) for opt, runs in panel.items() if runs}
+        starts = [m[np.isfinite(m)][0] for _, m, _ in curves.values() if np.isfinite(m).any()]
         top = TOP_FACTOR * max(starts) if starts and max(starts) > 0 else math.inf
-        for opt in optimizers:
+        for opt, (x, mean, half) in curves.items():
             runs = panel[opt]
-            if not runs:
-                continue
-            x, mean, half = _curves(runs)
             div = sum(r.diverged for r in runs)
             name = (labels or {}).get(opt, opt) + (f" (✕ {div}/{len(runs)} diverged)" if div else "")
             last = mean[np.isfinite(mean)]

@@ -418,7 +418,7 @@ def reproduce(config: ReproduceConfig, out: Path, doc: Path | None = None, progr
         if owned and executor is not None:
             executor.close()
     wall = time.perf_counter() - t0
-    _check_weights_unchanged(config, digests, out)
+    _check_weights_unchanged(ready, digests, out)
 
     figdir = doc.parent / "figures" / "reproduction"
     files: dict[str, Path] = {}
@@ -471,12 +471,11 @@ SCORECARD_RULE = (
     "every row).")
 
 
-def _check_weights_unchanged(config: ReproduceConfig, digests: dict[str, str], out: Path) -> None:
+def _check_weights_unchanged(ready: Sequence[OptimizerStatus], digests: dict[str, str], out: Path) -> None:
     """Refuse to summarise runs if a weight file changed while the grid ran: workers load the file
     when they start a run, so the stored runs could mix two sets of weights."""
-    now = {str(s.spec): s.checkpoint_sha256 for s in check_optimizers(config.optimizers, config.tuned)
-           if s.available and s.checkpoint_sha256}
-    changed = [name for name, d in digests.items() if now.get(name) != d]
+    changed = [str(s.spec) for s in ready if s.checkpoint and str(s.spec) in digests
+               and _sha256(s.checkpoint) != digests[str(s.spec)]]
     if changed:
         raise ValueError(
             f"the weights of {', '.join(map(repr, changed))} changed while the grid ran, so its stored runs may mix "

@@ -80,6 +80,8 @@ COMPILE_MIN = 1 << 16
 """With ``compile="auto"``, :class:`MLPLOpt` compiles the step of tensors with at least this many
 coordinates (``python benchmarks/bench_step_time.py``: compiled steps are slower than eager ones on
 the 48-48-10 net's tensors and ≈ 2× faster on the 784-1250-10 net's)."""
+SNR_ROW = 5
+"""Row of φ whose mean square times its row scale squared is ρ (d₅ = m̂^0.99/√v̂^0.999)."""
 MAG_CLAMP = 10.0
 """μ is clamped to ≤ 10 before exp (keeps a bad θ finite)."""
 
@@ -136,11 +138,6 @@ def with_snr(theta: Mapping[str, Tensor], arch: MLPLOptArch) -> tuple[dict[str, 
     theta = {k: v.clone() for k, v in theta.items()}
     theta["c"] = torch.cat([theta["c"], theta["c"].new_zeros(1)])
     return theta, dataclasses.replace(arch, snr=True)
-
-
-def snr_index() -> int:
-    """Row of φ whose mean square, times its row scale squared, is ρ (d₅ = m̂^0.99/√v̂^0.999)."""
-    return 5
 
 
 def theta_to_flat(theta: Mapping[str, Tensor]) -> Tensor:
@@ -289,8 +286,7 @@ def step_weights(theta: Mapping[str, Tensor], mean_square: Tensor, consts: Mappi
     c, W1 = theta["c"], theta["W1"]
     exponent = c[0] + (c[1:1 + N_TIME] * tau).sum()
     if arch.snr:
-        k = snr_index()
-        rho = mean_square[k] * consts["rs"][k].to(mean_square.dtype).square()
+        rho = mean_square[SNR_ROW] * consts["rs"][SNR_ROW].to(mean_square.dtype).square()
         exponent = exponent + c[1 + N_TIME] * torch.log(rho + 1e-12)
     return {"step_size": arch.base_lr * torch.exp(exponent),
             "u": theta["u"] * consts["rs"][:N_DIRECTIONS].to(mean_square.dtype),
